@@ -1,0 +1,156 @@
+"""create_app(settings): the routes and the lifespan that starts and stops what they use. Wiring only."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .calls import CallRegistry
+from .capture.files import LegacyCallerFiles
+from .capture.routes import capture_router, read_body
+from .config import Settings
+from .demo_api import DemoApi
+from .privacy import number_redactor
+from .stores import open_store
+from .turns import TurnPolicy, Turns
+from .upstream import HttpUpstream, Upstream
+
+log = structlog.get_logger("avr_llm_proxy.app")
+
+MAINTENANCE_INTERVAL_S = 60.0
+
+
+async def _frames(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+def _is_loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The HTTP service for one process, built from `settings` and nothing else."""
+    store = open_store(settings.store_url)
+    files = LegacyCallerFiles(settings.callerid_dir, settings.caller_ttl_seconds, settings.default_region) \
+        if settings.callerid_dir else None
+    registry = CallRegistry(store, settings.caller_ttl_seconds, [files.find] if files else [])
+    upstream: Upstream = HttpUpstream(settings.api_url, settings.api_timeout_ms) if settings.api_url else DemoApi()
+    turns = Turns(
+        registry,
+        upstream,
+        TurnPolicy(
+            bot_phone=settings.bot_phone, number_format=settings.number_format, region=settings.default_region,
+            caller_wait_s=settings.caller_wait_ms / 1000, fallback_message=settings.fallback_message,
+        ),
+    )
+    redact = number_redactor(settings.log_numbers, settings.hash_key.encode())
+
+    async def maintain() -> None:
+        """Expiry and file sweeping run here, never on a turn's path."""
+        while True:
+            await asyncio.sleep(MAINTENANCE_INTERVAL_S)
+            try:
+                purged = await registry.purge_expired()
+                swept = await asyncio.to_thread(files.sweep) if files else 0
+                if purged:
+                    log.info("records_expired", count=purged, files=swept)
+            except Exception:
+                log.exception("maintenance_failed")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await upstream.start()
+        if files:
+            await asyncio.to_thread(files.sweep)
+        task = asyncio.create_task(maintain())
+        log.info(
+            "proxy_ready", upstream=upstream.name, store=settings.store_url.split(":", 1)[0],
+            caller_dir=settings.callerid_dir or "off",
+        )
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await upstream.close()
+            await store.close()
+
+    app = FastAPI(title="avr-llm-proxy", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.settings = settings
+    app.state.registry = registry
+    app.include_router(capture_router(registry, settings.default_region))
+
+    @app.post("/prompt-stream", summary="avr-core's LLM_URL: one turn, answered as one text object per chunk")
+    async def prompt_stream(request: Request) -> StreamingResponse:
+        body = await read_body(request, settings.max_body_bytes)
+        if body is None:
+            chunks: AsyncIterator[bytes] = _frames(turns.reject("body_too_large"))
+        else:
+            chunks = turns.handle(body, request.headers.get("x-uuid"))
+        return StreamingResponse(chunks, media_type="application/json")
+
+    @app.get("/healthz", summary="The process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="The store answers")
+    async def readyz() -> Response:
+        problem = await registry.ready()
+        if problem:
+            return JSONResponse({"status": "not_ready", "store": problem}, status_code=503)
+        return JSONResponse({"status": "ready", "store": "ok", "upstream": upstream.name})
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/debug", summary="Recent calls of this process, numbers masked")
+    async def debug(request: Request) -> Response:
+        if settings.debug_token:
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), settings.debug_token.encode()):
+                log.warning("debug_refused", reason="bad_token")
+                return JSONResponse({"error": "a valid DEBUG_TOKEN bearer token is required"}, status_code=401)
+        elif not _is_loopback(request.client.host if request.client else None):
+            log.warning("debug_refused", reason="not_loopback")
+            return JSONResponse({"error": "set DEBUG_TOKEN to use /debug from another host"}, status_code=403)
+        calls: list[dict[str, Any]] = []
+        for activity in registry.recent.latest():
+            calls.append({
+                "uuid": activity.uuid,
+                "caller_number": redact(activity.caller.log_number)
+                if activity.caller.loggable_number else activity.caller.log_number,
+                "presentation": activity.caller.presentation,
+                "source": activity.caller.source,
+                "turns": activity.turns,
+                "last_status": activity.last_status,
+                "last_latency_ms": round(activity.last_latency_ms, 1),
+                "last_turn_at": activity.last_turn_at,
+            })
+        return JSONResponse({"calls": calls})
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for `serve --workers N`: each worker process builds its own app from the environment."""
+    from .config import load_settings
+    from .observability import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings.log_numbers, settings.hash_key, settings.log_level)
+    return create_app(settings)

@@ -1,0 +1,150 @@
+"""avr-core's wire contract: the turn request it sends and the reply framing it survives.
+
+Request: `{uuid, message, messages}` (llm-requests.jsonl), plus the seed's optional caller fields.
+Reply: exactly one `{"type":"text","content":…}` object per HTTP chunk; anything else ends the call
+(reply-framing.json).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .speech import SENTENCE, drop_symbols
+
+MAX_MESSAGE_CHARS = 20_000
+UUID_PATTERN = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def canonical_uuid(value: object) -> str | None:
+    """The lowercase hyphenated UUID, or None: the only form that may name a record or a file."""
+    if not isinstance(value, str) or len(value) != 36:
+        return None
+    lowered = value.lower()
+    return lowered if UUID_PATTERN.match(lowered) else None
+
+
+class AvrRequestError(Exception):
+    """A turn body we cannot use; `reason` is a short code for logs and metrics."""
+
+    def __init__(self, reason: str, uuid: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.uuid = uuid
+
+
+class _HistoryItem(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str = ""
+    content: str | None = None
+
+
+class _TurnBody(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    uuid: str | None = Field(None, max_length=200)
+    message: str | None = Field(None, max_length=MAX_MESSAGE_CHARS)
+    messages: list[_HistoryItem] = Field(default_factory=list, max_length=5000)
+    callerid: str | int | None = None
+    caller_number: str | int | None = None
+    from_: str | int | None = Field(None, alias="from")
+
+
+@dataclass(frozen=True, slots=True)
+class AvrTurn:
+    """One utterance of one call, as avr-core asked for an answer to it."""
+
+    uuid: str
+    message: str
+    turn: int
+    body_caller: str | None = None
+
+
+def parse_turn(body: bytes, header_uuid: str | None = None) -> AvrTurn:
+    """Validate a `/prompt-stream` body; `header_uuid` is avr-core >= 1.5.5's `X-UUID`."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise AvrRequestError("malformed_json") from None
+    if not isinstance(data, dict):
+        raise AvrRequestError("body_not_object")
+    try:
+        parsed = _TurnBody.model_validate(data)
+    except ValidationError as exc:
+        field = ".".join(str(part) for part in exc.errors()[0]["loc"][:1]) or "body"
+        raise AvrRequestError(f"invalid_{field}") from None
+    given = parsed.uuid if parsed.uuid is not None else header_uuid
+    if not given:
+        raise AvrRequestError("missing_uuid")
+    uuid = canonical_uuid(given)
+    if uuid is None:
+        raise AvrRequestError("invalid_uuid")
+    if parsed.message is None:
+        raise AvrRequestError("missing_message", uuid)
+    body_caller = next(
+        (str(value) for value in (parsed.callerid, parsed.caller_number, parsed.from_) if value not in (None, "")),
+        None,
+    )
+    users = sum(1 for item in parsed.messages if item.role == "user")
+    return AvrTurn(uuid=uuid, message=parsed.message, turn=max(users, 1), body_caller=body_caller)
+
+
+def frame(sentence: str) -> bytes:
+    """One reply chunk: a single text object that avr-core JSON-parses on its own."""
+    return orjson.dumps({"type": "text", "content": sentence})
+
+
+class FramingError(Exception):
+    """A reply chunk avr-core 1.4.1 would not survive; `outcome` is what it did (reply-framing.json)."""
+
+    def __init__(self, detail: str, outcome: str = "hangup") -> None:
+        super().__init__(f"{outcome}: {detail}")
+        self.detail = detail
+        self.outcome = outcome
+
+
+_AVR_MARKUP = re.compile(r"【[^】]*】|[*#]")
+
+
+class ReplyReader:
+    """Reads one reply the way avr-core 1.4.1 does: each chunk parsed alone, sentences cut from a buffer.
+
+    Used by `simulate` and the tests to prove what a caller would hear.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = ""
+        self.ignored: list[str] = []
+
+    def chunk(self, data: bytes) -> list[str]:
+        """The sentences avr-core would send to TTS after this HTTP chunk."""
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise FramingError(f"chunk is not exactly one JSON object: {data[:60]!r}") from None
+        if not isinstance(message, dict):
+            raise FramingError(f"chunk is not a JSON object: {data[:60]!r}")
+        kind = message.get("type")
+        if kind == "audio":
+            raise FramingError("audio chunk", outcome="process_exit")
+        if kind != "text":
+            self.ignored.append(str(kind))
+            return []
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise FramingError("text chunk without string content")
+        self.buffer += content
+        found = [match.group(0) for match in SENTENCE.finditer(self.buffer)]
+        self.buffer = self.buffer[sum(len(sentence) for sentence in found):]
+        return [self._clean(sentence) for sentence in found]
+
+    def end(self) -> str:
+        """What avr-core silently drops at the end of the reply: text with no final punctuation."""
+        dropped, self.buffer = self.buffer.strip(), ""
+        return dropped
+
+    @staticmethod
+    def _clean(sentence: str) -> str:
+        return " ".join(drop_symbols(_AVR_MARKUP.sub("", sentence.replace("\n", " "))).split())

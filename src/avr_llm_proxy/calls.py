@@ -1,0 +1,177 @@
+"""The call registry: one `CallRecord` per call UUID, kept in a store for the whole call.
+
+A turn can arrive before its caller is captured (the dialplan's `CURL()` and avr-core race), so the
+registry lets a turn wait briefly for the record instead of sending "unknown".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+
+from .identity import CallerId
+from .observability import CAPTURES
+from .stores import Store, StoreError
+
+log = structlog.get_logger("avr_llm_proxy.calls")
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """Who is on one call, as captured at call start."""
+
+    uuid: str
+    caller: CallerId
+    called_number: str | None = None
+    channel: str | None = None
+    uniqueid: str | None = None
+    captured_at: float = field(default_factory=time.time)
+    expires_at: float = 0.0
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(
+            {"uuid": self.uuid, "caller": self.caller.as_dict(), "called_number": self.called_number,
+             "channel": self.channel, "uniqueid": self.uniqueid, "captured_at": self.captured_at,
+             "expires_at": self.expires_at}
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> CallRecord:
+        raw: dict[str, Any] = orjson.loads(data)
+        return cls(
+            uuid=raw["uuid"], caller=CallerId.from_dict(raw["caller"]), called_number=raw.get("called_number"),
+            channel=raw.get("channel"), uniqueid=raw.get("uniqueid"), captured_at=raw["captured_at"],
+            expires_at=raw.get("expires_at", 0.0),
+        )
+
+
+# A late source is asked for a caller the store does not have (the legacy file is one).
+LateSource = Callable[[str], Awaitable["CallRecord | None"]]
+
+
+@dataclass(slots=True)
+class CallActivity:
+    """What /debug shows of one recent call; lives only in this process."""
+
+    uuid: str
+    caller: CallerId
+    turns: int = 0
+    last_status: str = ""
+    last_latency_ms: float = 0.0
+    last_turn_at: float = 0.0
+
+
+class RecentCalls:
+    """A bounded, most-recent-first view of the calls this process served."""
+
+    def __init__(self, size: int = 200) -> None:
+        self._size = size
+        self._calls: OrderedDict[str, CallActivity] = OrderedDict()
+
+    def note_turn(self, uuid: str, caller: CallerId, status: str, latency_ms: float) -> None:
+        activity = self._calls.pop(uuid, None) or CallActivity(uuid, caller)
+        activity.caller = caller
+        activity.turns += 1
+        activity.last_status = status
+        activity.last_latency_ms = latency_ms
+        activity.last_turn_at = time.time()
+        self._calls[uuid] = activity
+        if len(self._calls) > self._size:
+            self._calls.popitem(last=False)
+
+    def latest(self) -> list[CallActivity]:
+        return list(reversed(self._calls.values()))
+
+
+class CallRegistry:
+    """put / get / wait / touch / forget of call records; the only code that talks to a store."""
+
+    def __init__(self, store: Store, ttl_seconds: int, late_sources: Sequence[LateSource] = ()) -> None:
+        self.store = store
+        self.ttl_seconds = ttl_seconds
+        self.recent = RecentCalls()
+        self._late_sources = tuple(late_sources)
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+
+    async def put(self, record: CallRecord) -> CallRecord:
+        """Record a caller (or replace it) and wake every turn of this process waiting for it."""
+        stored = await self._save(record)
+        CAPTURES.labels(source=stored.caller.source).inc()
+        return stored
+
+    async def _save(self, record: CallRecord) -> CallRecord:
+        stored = CallRecord(
+            uuid=record.uuid, caller=record.caller, called_number=record.called_number, channel=record.channel,
+            uniqueid=record.uniqueid, captured_at=record.captured_at,
+            expires_at=time.time() + self.ttl_seconds,
+        )
+        await self.store.put(stored.uuid, stored.to_bytes(), stored.expires_at)
+        for waiter in self._waiters.pop(stored.uuid, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+        return stored
+
+    async def get(self, uuid: str) -> CallRecord | None:
+        """The record from the store, else from a late source (then kept in the store)."""
+        data = await self.store.get(uuid)
+        if data is not None:
+            return CallRecord.from_bytes(data)
+        for source in self._late_sources:
+            found = await source(uuid)
+            if found is not None:
+                return await self.put(found)
+        return None
+
+    async def wait(self, uuid: str, within: float) -> CallRecord | None:
+        """The record, waiting up to `within` seconds for a capture that has not happened yet."""
+        record = await self.get(uuid)
+        deadline = time.monotonic() + within
+        loop = asyncio.get_running_loop()
+        while record is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.setdefault(uuid, []).append(waiter)
+            step = remaining if self.store.poll_interval is None else min(remaining, self.store.poll_interval)
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), step)
+            except TimeoutError:
+                pass
+            finally:
+                self._drop_waiter(uuid, waiter)
+            record = await self.get(uuid)
+        return record
+
+    def _drop_waiter(self, uuid: str, waiter: asyncio.Future[None]) -> None:
+        waiters = self._waiters.get(uuid)
+        if waiters and waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                del self._waiters[uuid]
+
+    async def touch(self, record: CallRecord) -> CallRecord:
+        """Keep a long call's record alive: renew its expiry once half the TTL has passed."""
+        if record.expires_at - time.time() > self.ttl_seconds / 2:
+            return record
+        return await self._save(record)
+
+    async def forget(self, uuid: str) -> bool:
+        return await self.store.delete(uuid)
+
+    async def purge_expired(self) -> int:
+        return await self.store.purge_expired(time.time())
+
+    async def ready(self) -> str | None:
+        """None when the store answers, else the reason it does not."""
+        try:
+            await self.store.ping()
+        except StoreError as exc:
+            return str(exc)
+        return None

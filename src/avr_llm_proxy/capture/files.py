@@ -1,0 +1,90 @@
+"""The seed's legacy caller file `<CALLERID_DIR>/callerid-<uuid>.txt`, so an existing dialplan works unchanged.
+
+Unlike the seed, the file is not deleted on first read: its caller goes into the registry for the
+whole call, and files older than the TTL are swept by a background task.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+
+import structlog
+
+from ..avr import canonical_uuid
+from ..calls import CallRecord
+from ..identity import parse_caller
+
+log = structlog.get_logger("avr_llm_proxy.capture.files")
+
+MAX_FILE_BYTES = 512
+PREFIX, SUFFIX = "callerid-", ".txt"
+
+
+class LegacyCallerFiles:
+    """Reads the caller file of one call; only a canonical UUID may form a file name."""
+
+    def __init__(self, directory: str, ttl_seconds: int, region: str) -> None:
+        self.directory = Path(directory)
+        self.ttl_seconds = ttl_seconds
+        self.region = region
+
+    def path_for(self, uuid: str) -> Path | None:
+        canonical = canonical_uuid(uuid)
+        return None if canonical is None else self.directory / f"{PREFIX}{canonical}{SUFFIX}"
+
+    def _read(self, path: Path) -> bytes | None:
+        """The file's first bytes, refusing symlinks, non-regular files and stale files."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("caller_file_refused", path=str(path), reason=type(exc).__name__)
+            return None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                log.warning("caller_file_refused", path=str(path), reason="not_a_regular_file")
+                return None
+            if time.time() - info.st_mtime > self.ttl_seconds:
+                return None
+            return os.read(fd, MAX_FILE_BYTES)
+        finally:
+            os.close(fd)
+
+    async def find(self, uuid: str) -> CallRecord | None:
+        """The caller the dialplan wrote for this call, if a fresh file exists."""
+        path = self.path_for(uuid)
+        data = None if path is None else self._read(path)
+        if path is None or data is None:
+            return None
+        first_line = data.decode("utf-8", errors="replace").splitlines()[0] if data.strip() else ""
+        caller = parse_caller(first_line, source="file", region=self.region)
+        log.info("caller_file_read", uuid=uuid, caller_number=caller.log_number, presentation=caller.presentation)
+        return CallRecord(uuid=path.name[len(PREFIX):-len(SUFFIX)], caller=caller)
+
+    def sweep(self) -> int:
+        """Delete caller files older than the TTL; returns how many went."""
+        removed = 0
+        cutoff = time.time() - self.ttl_seconds
+        try:
+            entries = list(os.scandir(self.directory))
+        except OSError as exc:
+            log.warning("caller_dir_unreadable", path=str(self.directory), reason=type(exc).__name__)
+            return 0
+        for entry in entries:
+            if not (entry.name.startswith(PREFIX) and entry.name.endswith(SUFFIX)):
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+                if info.st_mtime < cutoff and (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)):
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError:
+                continue
+        if removed:
+            log.info("caller_files_swept", removed=removed)
+        return removed

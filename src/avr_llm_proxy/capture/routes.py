@@ -1,0 +1,74 @@
+"""The HTTP capture endpoint `POST /call`: where a dialplan's `CURL()` (or avr-core's payload) lands."""
+
+from __future__ import annotations
+
+import structlog
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from ..calls import CallRegistry
+from ..observability import REJECTED
+from ..stores import StoreError
+from .call import CaptureError, parse_call
+
+log = structlog.get_logger("avr_llm_proxy.capture")
+
+MAX_CALL_BODY = 16 * 1024
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None once it passes `limit` (the rest is not read)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def capture_router(registry: CallRegistry, region: str) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/call", summary="Record the caller of a call (JSON, avr-core's payload, or CURL() form)")
+    async def call(request: Request) -> Response:
+        content_type = request.headers.get("content-type", "").lower()
+        is_form = "json" not in content_type
+
+        def refuse(reason: str, status: int) -> Response:
+            REJECTED.labels(endpoint="call", reason=reason).inc()
+            log.warning("capture_refused", reason=reason, status=status, client=_client(request))
+            if is_form:
+                return PlainTextResponse(f"ERROR {reason}", status_code=status)
+            return JSONResponse({"error": reason}, status_code=status)
+
+        body = await read_body(request, MAX_CALL_BODY)
+        if body is None:
+            return refuse("body_too_large", 413)
+        try:
+            record = parse_call(content_type, body, region)
+        except CaptureError as exc:
+            return refuse(exc.reason, exc.status)
+        try:
+            stored = await registry.put(record)
+        except StoreError as exc:
+            log.error("capture_not_stored", uuid=record.uuid, reason=str(exc))
+            return refuse("store_unavailable", 503)
+        caller = stored.caller
+        log.info(
+            "caller_captured", uuid=stored.uuid, source=caller.source, caller_number=caller.log_number,
+            presentation=caller.presentation, valid=caller.valid,
+        )
+        if is_form:
+            return PlainTextResponse("OK")
+        return JSONResponse({"status": "ok", "uuid": stored.uuid, "presentation": caller.presentation})
+
+    return router
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "?"

@@ -1,0 +1,169 @@
+"""The `avr-llm-proxy` command: serve, simulate, check."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+from urllib.parse import urlsplit
+
+from .config import Settings, SettingsError, load_settings
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        return load_settings(**{key: value for key, value in overrides.items() if value is not None})
+    except SettingsError as exc:
+        print(f"avr-llm-proxy: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _workers(value: str) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise argparse.ArgumentTypeError("must be a number of processes >= 1, or auto")
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .observability import configure_logging
+
+    settings = _settings(host=args.host, port=args.port)
+    if args.workers > 1 and settings.store_url == "memory://":
+        print(
+            "avr-llm-proxy: invalid setting STORE_URL (got 'memory://'): each worker would have its own "
+            "memory; use sqlite:///<path> with --workers",
+            file=sys.stderr,
+        )
+        return 2
+    configure_logging(settings.log_numbers, settings.hash_key, settings.log_level)
+    options = {
+        "host": settings.host, "port": settings.port, "access_log": False, "log_level": "warning",
+        "http": "httptools", "loop": "uvloop" if sys.platform != "win32" else "asyncio",
+        # Longer than avr-core's (Node's) keep-alive, so a reused connection is never closed under it.
+        "timeout_keep_alive": 75,
+    }
+    if args.workers > 1:
+        uvicorn.run("avr_llm_proxy.app:app_from_env", factory=True, workers=args.workers, **options)  # type: ignore[arg-type]
+    else:
+        uvicorn.run(create_app(settings), **options)  # type: ignore[arg-type]
+    return 0
+
+
+def simulate(args: argparse.Namespace) -> int:
+    from .simulate import new_call_uuid, play_call, register_caller
+
+    base = args.url.rstrip("/")
+    call_uuid = args.uuid or new_call_uuid()
+
+    async def run() -> int:
+        failed = False
+        print(f"call {call_uuid}")
+        if args.register != "none":
+            reply = await register_caller(base, call_uuid, args.caller, args.name, args.called, args.register)
+            body = b"".join(reply.chunks).decode("utf-8", "replace").strip()
+            print(f"  caller registered via /call ({args.register}): HTTP {reply.status} {body}")
+            failed = not 200 <= reply.status < 300
+        for heard in await play_call(base, call_uuid, list(args.utterances)):
+            print(f"> {heard.said}")
+            for sentence in heard.sentences:
+                print(f"< {sentence}")
+            for problem in heard.problems:
+                print(f"! {problem}")
+                failed = True
+        return 1 if failed else 0
+
+    try:
+        return asyncio.run(run())
+    except OSError as exc:
+        print(f"avr-llm-proxy: cannot reach {base}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _reachable(url: str, timeout: float = 2.0) -> str | None:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return str(exc)
+
+
+def check(args: argparse.Namespace) -> int:
+    from .stores import StoreError, open_store
+
+    settings = _settings()
+    problems = 0
+
+    def report(ok: bool, what: str, detail: str = "") -> None:
+        nonlocal problems
+        problems += 0 if ok else 1
+        print(f"{'ok  ' if ok else 'FAIL'} {what}{': ' + detail if detail else ''}")
+
+    report(True, "settings", f"HTTP {settings.host}:{settings.port}, store {settings.store_url.split(':')[0]}")
+
+    async def store_check() -> str | None:
+        try:
+            store = open_store(settings.store_url)
+            try:
+                await store.ping()
+            finally:
+                await store.close()
+        except StoreError as exc:
+            return str(exc)
+        return None
+
+    problem = asyncio.run(store_check())
+    report(problem is None, "store", problem or settings.store_url)
+    if settings.api_url:
+        parts = urlsplit(settings.api_url)
+        problem = _reachable(settings.api_url)
+        report(problem is None, "business API reachable", problem or f"{parts.scheme}://{parts.netloc}")
+    else:
+        report(True, "business API", "built-in demo API (set API_URL for yours)")
+    if settings.callerid_dir:
+        readable = os.path.isdir(settings.callerid_dir) and os.access(settings.callerid_dir, os.R_OK | os.X_OK)
+        report(readable, "legacy caller files", settings.callerid_dir)
+    return 1 if problems else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avr-llm-proxy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_serve = sub.add_parser("serve", help="run the HTTP service (settings from env and .env)")
+    p_serve.add_argument("--host", help="overrides HOST")
+    p_serve.add_argument("--port", type=int, help="overrides PORT")
+    p_serve.add_argument("--workers", type=_workers, default=1, help="worker processes, or auto (one per core)")
+    p_serve.set_defaults(func=serve)
+
+    p_sim = sub.add_parser("simulate", help="play one call against a running proxy as avr-core would")
+    p_sim.add_argument("--url", default="http://127.0.0.1:6017", help="the proxy (default %(default)s)")
+    p_sim.add_argument("--caller", required=True, help="the caller's number, as Asterisk would give it")
+    p_sim.add_argument("--name", help="the caller's name")
+    p_sim.add_argument("--called", help="the number the caller dialled (DID)")
+    p_sim.add_argument("--uuid", help="the call's UUID (default: a new one)")
+    p_sim.add_argument("--register", choices=("json", "form", "none"), default="json",
+                       help="how to record the caller first: /call JSON, the CURL() form, or not at all")
+    p_sim.add_argument("utterances", nargs="+", help="what the caller says, one argument per turn")
+    p_sim.set_defaults(func=simulate)
+
+    p_check = sub.add_parser("check", help="validate settings and reachability")
+    p_check.set_defaults(func=check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

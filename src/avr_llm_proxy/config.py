@@ -1,0 +1,122 @@
+"""Every setting of avr-llm-proxy, typed, from the environment and an optional .env file.
+
+This is the one module that reads the environment; everything else receives a `Settings`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import phonenumbers
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_FALLBACK = "Disculpe, en este momento no puedo responder. Por favor, intente de nuevo en unos minutos."
+
+
+class SettingsError(Exception):
+    """A setting has a value we cannot run with; the message names it and what is accepted."""
+
+
+class Settings(BaseSettings):
+    """The settings table of the README, one field each."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
+    )
+
+    host: str = Field("127.0.0.1", validation_alias="HOST", description="HTTP listen address")
+    port: int = Field(6017, ge=1, le=65535, validation_alias="PORT", description="HTTP listen port")
+    api_url: str = Field(
+        "",
+        validation_alias=AliasChoices("API_URL", "CLIPP_API_URL"),
+        description="business API that receives each turn; empty: the built-in demo API",
+    )
+    bot_phone: str = Field(
+        "593985059132",
+        validation_alias=AliasChoices("BOT_PHONE", "CLIPP_PHONE"),
+        max_length=64,
+        description="the bot's own number, sent as `phone`",
+    )
+    store_url: str = Field(
+        "sqlite:///avr-llm-proxy.db",
+        validation_alias="STORE_URL",
+        description="memory://, sqlite:///path",
+    )
+    caller_ttl_seconds: int = Field(3600, ge=60, le=7 * 86400, validation_alias="CALLER_TTL_SECONDS")
+    caller_wait_ms: int = Field(500, ge=0, le=10_000, validation_alias="CALLER_WAIT_MS")
+    default_region: str = Field("EC", validation_alias="DEFAULT_REGION")
+    number_format: Literal["e164", "national", "raw"] = Field("e164", validation_alias="NUMBER_FORMAT")
+    agi_listen: str = Field("127.0.0.1:4573", validation_alias="AGI_LISTEN")
+    ami_url: str = Field("", validation_alias="AMI_URL")
+    callerid_dir: str = Field("/tmp", validation_alias="CALLERID_DIR")
+    api_timeout_ms: int = Field(8000, ge=100, le=120_000, validation_alias="API_TIMEOUT_MS")
+    fallback_message: str = Field(DEFAULT_FALLBACK, min_length=1, max_length=500, validation_alias="FALLBACK_MESSAGE")
+    log_numbers: Literal["masked", "hash", "full"] = Field("masked", validation_alias="LOG_NUMBERS")
+    hash_key: str = Field("", validation_alias="HASH_KEY")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", validation_alias="LOG_LEVEL")
+    debug_token: str = Field("", validation_alias="DEBUG_TOKEN")
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576, validation_alias="MAX_BODY_BYTES")
+
+    @field_validator("api_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL, or empty for the built-in demo API")
+        return value
+
+    @field_validator("store_url")
+    @classmethod
+    def _store_scheme(cls, value: str) -> str:
+        if value == "memory://" or (value.startswith("sqlite:///") and len(value) > len("sqlite:///")):
+            return value
+        raise ValueError("must be memory:// or sqlite:///<path>")
+
+    @field_validator("default_region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        region = value.upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError("must be a two-letter region phonenumbers knows, e.g. EC, ES, US")
+        return region
+
+    @field_validator("agi_listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("must be host:port (e.g. 127.0.0.1:4573), or empty to disable")
+        return value
+
+    @model_validator(mode="after")
+    def _hash_needs_key(self) -> Settings:
+        if self.log_numbers == "hash" and len(self.hash_key) < 16:
+            raise ValueError("HASH_KEY must be a secret of 16+ characters when LOG_NUMBERS=hash")
+        return self
+
+    @property
+    def sqlite_path(self) -> str | None:
+        """The database path when the store is SQLite."""
+        return self.store_url.removeprefix("sqlite:///") if self.store_url.startswith("sqlite:///") else None
+
+
+def _alias_of(field: str) -> str:
+    alias = Settings.model_fields[field].validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return str(alias) if alias else field.upper()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings, turning a validation error into one line that names the setting."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        name = _alias_of(field) if field in Settings.model_fields else field
+        given = first.get("input")
+        shown = "" if isinstance(given, dict) else f" (got {str(given)[:60]!r})"
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise SettingsError(f"invalid setting {name}{shown}: {message}") from None

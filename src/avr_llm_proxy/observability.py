@@ -1,0 +1,82 @@
+"""One logging chain (numbers redacted before anything is rendered) and the Prometheus metrics."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+from prometheus_client import Counter, Gauge, Histogram
+from structlog.typing import EventDict, WrappedLogger
+
+from .privacy import NumberPolicy, number_redactor, scrub_text
+
+# Fields that hold a caller's number: redacted whole.
+NUMBER_FIELDS = frozenset({"caller_number", "number", "callerid", "from_number", "num", "e164", "raw"})
+# Fields that never hold one (identifiers, figures): left as they are.
+SAFE_FIELDS = frozenset(
+    {"uuid", "uniqueid", "linkedid", "event", "level", "timestamp", "latency_ms", "status", "turn",
+     "source", "reason", "presentation", "path", "port", "host", "store", "upstream", "elapsed_ms"}
+)
+_PLACEHOLDERS = frozenset({"anonymous", "unknown", "", None})
+
+TURNS = Counter("avr_llm_proxy_turns", "Turns answered, by outcome", ["outcome"])
+FALLBACKS = Counter("avr_llm_proxy_fallbacks", "Turns answered with the fallback message, by reason", ["reason"])
+CAPTURES = Counter("avr_llm_proxy_captures", "Callers recorded, by capture source", ["source"])
+REJECTED = Counter("avr_llm_proxy_rejected_requests", "Requests refused, by endpoint and reason",
+                   ["endpoint", "reason"])
+UPSTREAM_LATENCY = Histogram(
+    "avr_llm_proxy_upstream_latency_seconds",
+    "Time from sending a turn to the business API until its answer was read",
+    ["outcome"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
+)
+CALLER_WAIT = Counter("avr_llm_proxy_caller_waits", "Turns that had to wait for a capture, by result", ["result"])
+ACTIVE_TURNS = Gauge("avr_llm_proxy_active_turns", "Turns in progress")
+
+
+class RedactNumbers:
+    """The processor that keeps caller numbers out of every rendered line, whatever the call site did."""
+
+    def __init__(self, policy: NumberPolicy, hash_key: bytes) -> None:
+        self._redact = number_redactor(policy, hash_key)
+        self._full = policy == "full"
+
+    def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+        if self._full:
+            return event_dict
+        for key, value in event_dict.items():
+            if key in SAFE_FIELDS or not isinstance(value, str):
+                continue
+            if key in NUMBER_FIELDS and value not in _PLACEHOLDERS:
+                event_dict[key] = self._redact(value)
+            else:
+                event_dict[key] = scrub_text(value, self._redact)
+        return event_dict
+
+
+def logging_processors(policy: NumberPolicy, hash_key: bytes) -> list[Any]:
+    """The chain up to (not including) the renderer; tests reuse it with capture_logs."""
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        RedactNumbers(policy, hash_key),
+    ]
+
+
+def configure_logging(policy: NumberPolicy, hash_key: str, level: str = "info") -> None:
+    """Configure structlog once for the process; suppressed levels cost nothing."""
+    structlog.configure(
+        processors=[
+            *logging_processors(policy, hash_key.encode()),
+            structlog.processors.LogfmtRenderer(
+                key_order=["timestamp", "level", "event", "uuid"], drop_missing=True, bool_as_flag=False
+            ),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,76 @@
+"""Shaping reply text so avr-core speaks every word of it.
+
+avr-core 1.4.1 takes every match of /[^.!?]*[.!?]/ from its per-call buffer as one sentence and
+drops an unterminated tail (reply-framing.json, `stream-sentences`). So we cut the text ourselves,
+one sentence per chunk, each ending in `.`, `!` or `?`, with no dot that would cut a number apart.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+# avr-core's sentence rule, verbatim (WIRE.md section 1).
+SENTENCE = re.compile(r"[^.!?]*[.!?]")
+_BRACKETED = re.compile(r"【[^】]*】")
+_LINK = re.compile(r"\[([^\]]*)\]\([^)]*\)")
+_MARKUP = re.compile(r"[*#`~_|>]+")
+_BULLET = re.compile(r"^\s*(?:[-+•◦▪]\s+|(\d{1,3})[.)]\s+)")
+_THOUSANDS = re.compile(r"(?<=\d)\.(?=\d{3}(?!\d))")
+_DECIMAL = re.compile(r"(?<=\d)\.(?=\d)")
+_ELLIPSIS = re.compile(r"\s*(?:\.{2,}|…)+\s*")
+_REPEATED = re.compile(r"([.!?])[.!?]+")
+_SPACE_BEFORE_MARK = re.compile(r"\s+([.!?,;:])")
+_LINE_END = (".", "!", "?", ":", ";", ",")
+# Emoji, pictographs, private-use and other symbols avr-core would drop anyway; currency and math stay.
+_DROPPED_CATEGORIES = frozenset({"So", "Sk", "Cs", "Co", "Cn", "Cc", "Cf", "Me"})
+
+
+def drop_symbols(text: str) -> str:
+    """Remove what avr-core's own cleaner drops: emoji, pictographs and other symbols."""
+    return "".join(
+        ch for ch in text
+        if unicodedata.category(ch) not in _DROPPED_CATEGORIES and not 0xFE00 <= ord(ch) <= 0xFE0F
+    )
+
+
+def _unmark_line(line: str) -> str:
+    line = _BULLET.sub(lambda m: f"{m.group(1)}, " if m.group(1) else "", line)
+    return _MARKUP.sub("", _LINK.sub(r"\1", line)).strip()
+
+
+def _join_lines(text: str) -> str:
+    """A line break ends a thought: a line without closing punctuation gets a full stop."""
+    lines = [_unmark_line(line) for line in text.splitlines()]
+    kept = [line if line.endswith(_LINE_END) else line + "." for line in lines if line]
+    return " ".join(kept)
+
+
+def _ellipsis(match: re.Match[str]) -> str:
+    rest = match.string[match.end():]
+    return ". " if not rest or rest[0].isupper() or rest[0] in "¿¡" else ", "
+
+
+def clean(text: str) -> str:
+    """The reply as one line of speakable text, before it is cut into sentences."""
+    text = unicodedata.normalize("NFC", text)
+    text = drop_symbols(_join_lines(_BRACKETED.sub("", text)))
+    text = _THOUSANDS.sub("", text)
+    text = _DECIMAL.sub(",", text)
+    text = _ELLIPSIS.sub(_ellipsis, text)
+    text = _REPEATED.sub(r"\1", text)
+    return _SPACE_BEFORE_MARK.sub(r"\1", " ".join(text.split()))
+
+
+def _speakable(sentence: str) -> bool:
+    return any(ch.isalnum() for ch in sentence)
+
+
+def sentences(text: str) -> list[str]:
+    """Every sentence of `text`, each one avr-core match long and ending in `.`, `!` or `?`."""
+    cleaned = clean(text)
+    found = [match.group(0).strip() for match in SENTENCE.finditer(cleaned)]
+    tail = cleaned[sum(len(m.group(0)) for m in SENTENCE.finditer(cleaned)):].strip()
+    if tail:
+        found.append(tail.rstrip(",;: ") + ".")
+    return [sentence for sentence in found if _speakable(sentence)]

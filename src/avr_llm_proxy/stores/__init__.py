@@ -1,0 +1,47 @@
+"""Where call records live: one small contract, several backends chosen by `STORE_URL`."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class StoreError(Exception):
+    """The store cannot be reached or used; carries what went wrong for the log line."""
+
+
+class Store(Protocol):
+    """Opaque values under a key, each with an absolute expiry time (Unix seconds)."""
+
+    #: How often a waiter should re-read when another process may write (None: local writes only).
+    poll_interval: float | None
+
+    async def put(self, key: str, value: bytes, expires_at: float) -> None: ...
+
+    async def get(self, key: str) -> bytes | None:
+        """The value, or None when it is missing or expired."""
+        ...
+
+    async def delete(self, key: str) -> bool: ...
+
+    async def purge_expired(self, now: float) -> int:
+        """Drop expired values; returns how many went."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise StoreError when the store is not usable."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def open_store(url: str) -> Store:
+    """The store for a `STORE_URL` (validated by config)."""
+    if url == "memory://":
+        from .memory import MemoryStore
+
+        return MemoryStore()
+    if url.startswith("sqlite:///"):
+        from .sqlite import SqliteStore
+
+        return SqliteStore(url.removeprefix("sqlite:///"))
+    raise StoreError(f"unsupported STORE_URL scheme: {url.split(':', 1)[0]}")

@@ -1,0 +1,45 @@
+"""A store in this process's memory: fastest, gone on restart, one process only."""
+
+from __future__ import annotations
+
+import time
+
+
+class MemoryStore:
+    poll_interval: float | None = None
+
+    def __init__(self, max_entries: int = 1_000_000) -> None:
+        self._data: dict[str, tuple[float, bytes]] = {}
+        self._max_entries = max_entries
+
+    async def put(self, key: str, value: bytes, expires_at: float) -> None:
+        if len(self._data) >= self._max_entries and key not in self._data:
+            await self.purge_expired(time.time())
+            if len(self._data) >= self._max_entries:
+                # Bounded memory: the oldest inserted record goes first.
+                del self._data[next(iter(self._data))]
+        self._data[key] = (expires_at, value)
+
+    async def get(self, key: str) -> bytes | None:
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= time.time():
+            self._data.pop(key, None)
+            return None
+        return entry[1]
+
+    async def delete(self, key: str) -> bool:
+        return self._data.pop(key, None) is not None
+
+    async def purge_expired(self, now: float) -> int:
+        expired = [key for key, (expires_at, _) in self._data.items() if expires_at <= now]
+        for key in expired:
+            del self._data[key]
+        return len(expired)
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._data.clear()

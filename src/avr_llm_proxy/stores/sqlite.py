@@ -1,0 +1,90 @@
+"""A store in one SQLite file: survives restarts and is shared by every worker process on the host.
+
+WAL lets readers run beside the single writer. Reads are short indexed look-ups done on the event
+loop; writes go through one dedicated thread so a busy lock never stalls the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from . import StoreError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS calls_expiry ON calls (expires_at);
+"""
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+class SqliteStore:
+    # Another worker process may write a record a turn here is waiting for.
+    poll_interval: float | None = 0.02
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._writer = _connect(path)
+            self._writer.executescript(_SCHEMA)
+            self._reader = _connect(path)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open SQLite store {path}: {exc}") from exc
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+
+    async def _write(self, sql: str, params: tuple[object, ...]) -> int:
+        def run() -> int:
+            return self._writer.execute(sql, params).rowcount
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, run)
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite write failed: {exc}") from exc
+
+    async def put(self, key: str, value: bytes, expires_at: float) -> None:
+        await self._write(
+            "INSERT INTO calls (key, value, expires_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+            (key, value, expires_at),
+        )
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            row = self._reader.execute(
+                "SELECT value FROM calls WHERE key = ? AND expires_at > ?", (key, time.time())
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite read failed: {exc}") from exc
+        return None if row is None else bytes(row[0])
+
+    async def delete(self, key: str) -> bool:
+        return await self._write("DELETE FROM calls WHERE key = ?", (key,)) > 0
+
+    async def purge_expired(self, now: float) -> int:
+        return await self._write("DELETE FROM calls WHERE expires_at <= ?", (now,))
+
+    async def ping(self) -> None:
+        try:
+            self._reader.execute("SELECT 1 FROM calls LIMIT 1").fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite store {self.path} unusable: {exc}") from exc
+
+    async def close(self) -> None:
+        self._thread.shutdown(wait=True)
+        self._reader.close()
+        self._writer.close()
