@@ -38,7 +38,12 @@ class HeardTurn:
 
 
 async def http_request(
-    url: str, body: bytes, content_type: str = "application/json", method: str = "POST", limit_s: float = 30.0
+    url: str,
+    body: bytes,
+    content_type: str = "application/json",
+    method: str = "POST",
+    limit_s: float = 30.0,
+    headers: dict[str, str] | None = None,
 ) -> HttpReply:
     """One HTTP/1.1 request on a fresh connection; the body comes back as the list of its HTTP chunks."""
     parts = urlsplit(url)
@@ -48,17 +53,20 @@ async def http_request(
         head = (
             f"{method} {parts.path or '/'}{'?' + parts.query if parts.query else ''} HTTP/1.1\r\n"
             f"Host: {host}:{port}\r\nAccept: application/json, text/plain, */*\r\nUser-Agent: axios/1.7.9\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+            + "".join(f"{key}: {value}\r\n" for key, value in (headers or {}).items())
+            + "\r\n"
         )
         writer.write(head.encode() + body)
         await writer.drain()
-        return await asyncio.wait_for(_read_reply(reader), limit_s)
+        return await asyncio.wait_for(read_reply(reader), limit_s)
     finally:
         writer.close()
         await writer.wait_closed()
 
 
-async def _read_reply(reader: asyncio.StreamReader) -> HttpReply:
+async def read_reply(reader: asyncio.StreamReader) -> HttpReply:
+    """One response off a (possibly kept-alive) connection, its body as the list of HTTP chunks."""
     head = await reader.readuntil(b"\r\n\r\n")
     if len(head) > MAX_HEADER_BYTES:
         raise ValueError("response headers too large")

@@ -1,0 +1,64 @@
+"""capture/files.py: the seed's caller file, read safely and kept for the call."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from avr_llm_proxy.capture.files import LegacyCallerFiles
+
+UUID = "858675a8-e2f7-4c71-ad18-2c76b7927da2"
+
+
+async def test_reads_number_and_leaves_file(tmp_path: Path) -> None:
+    """The first line is the caller; the file stays (the registry keeps the caller, the sweep removes it)."""
+    path = tmp_path / f"callerid-{UUID}.txt"
+    path.write_text("0987654321\n")
+    record = await LegacyCallerFiles(str(tmp_path), 3600, "EC").find(UUID)
+    assert record is not None and record.uuid == UUID
+    assert record.caller.e164 == "+593987654321" and record.caller.source == "file"
+    assert path.exists()
+
+
+async def test_only_canonical_uuids_form_names(tmp_path: Path) -> None:
+    """A uuid with path tricks never reaches the file system."""
+    (tmp_path / "callerid-x.txt").write_text("1")
+    files = LegacyCallerFiles(str(tmp_path), 3600, "EC")
+    assert files.path_for("../../etc/passwd") is None and await files.find("../callerid-x") is None
+
+
+async def test_symlinks_and_stale_files_refused(tmp_path: Path) -> None:
+    """A symlink planted in a shared /tmp is not followed; an old file is not trusted."""
+    target = tmp_path / "secret"
+    target.write_text("+593987654321")
+    os.symlink(target, tmp_path / f"callerid-{UUID}.txt")
+    files = LegacyCallerFiles(str(tmp_path), 3600, "EC")
+    assert await files.find(UUID) is None
+    other = "858675a8-e2f7-4c71-ad18-2c76b7927da3"
+    stale = tmp_path / f"callerid-{other}.txt"
+    stale.write_text("0987654321")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    assert await files.find(other) is None
+
+
+def test_sweep_removes_only_old_caller_files(tmp_path: Path) -> None:
+    """Files older than the TTL go; fresh ones and other files stay."""
+    old = tmp_path / f"callerid-{UUID}.txt"
+    old.write_text("1")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    fresh = tmp_path / "callerid-858675a8-e2f7-4c71-ad18-2c76b7927da3.txt"
+    fresh.write_text("2")
+    unrelated = tmp_path / "other.txt"
+    unrelated.write_text("3")
+    os.utime(unrelated, (time.time() - 7200, time.time() - 7200))
+    assert LegacyCallerFiles(str(tmp_path), 3600, "EC").sweep() == 1
+    assert not old.exists() and fresh.exists() and unrelated.exists()
+
+
+async def test_hostile_file_content(tmp_path: Path) -> None:
+    """Binary junk or shell code in the file yields a sanitised caller, never an error."""
+    (tmp_path / f"callerid-{UUID}.txt").write_bytes(b"\xff\xfe$(reboot)`id`\x00" * 100)
+    record = await LegacyCallerFiles(str(tmp_path), 3600, "EC").find(UUID)
+    assert record is not None
+    assert record.caller.raw is None or not set(record.caller.raw) & set("$()`")

@@ -1,0 +1,81 @@
+"""The service's other endpoints over real HTTP: /call refusals, /debug, /healthz, /readyz, /metrics."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid as uuidlib
+from pathlib import Path
+
+import orjson
+import pytest
+
+from avr_llm_proxy.simulate import http_request, play_call, register_caller
+
+from ..conftest import make_settings, running_proxy
+
+
+async def test_call_refusals_are_clear(tmp_path: Path) -> None:
+    """Bad /call requests get 4xx with a reason, JSON for JSON clients and text for CURL()."""
+    async with running_proxy(make_settings(tmp_path)) as proxy:
+        reply = await http_request(f"{proxy.url}/call", b'{"uuid": "../x"}')
+        assert reply.status == 400 and orjson.loads(b"".join(reply.chunks)) == {"error": "invalid_uuid"}
+        reply = await http_request(f"{proxy.url}/call", b"uuid=1&num=2", "application/x-www-form-urlencoded")
+        assert reply.status == 400 and b"".join(reply.chunks) == b"ERROR invalid_uuid"
+        reply = await http_request(f"{proxy.url}/call", b"x" * 20_000, "application/x-www-form-urlencoded")
+        assert reply.status == 413
+        reply = await http_request(f"{proxy.url}/call", b"<x/>", "text/xml")
+        assert reply.status == 415
+
+
+async def test_debug_lists_calls_masked(tmp_path: Path) -> None:
+    """/debug shows recent calls with masked numbers to a loopback client."""
+    call = str(uuidlib.uuid4())
+    async with running_proxy(make_settings(tmp_path)) as proxy:
+        await register_caller(proxy.url, call, "+593987654321", "Juan Perez", None, "json")
+        await play_call(proxy.url, call, ["hola", "pedido"])
+        reply = await http_request(f"{proxy.url}/debug", b"", method="GET")
+    data = orjson.loads(b"".join(reply.chunks))
+    assert reply.status == 200
+    entry = data["calls"][0]
+    assert entry["uuid"] == call and entry["caller_number"] == "+593*****4321" and entry["turns"] == 2
+    assert entry["source"] == "http" and entry["last_status"] == "200"
+    assert b"593987654321" not in b"".join(reply.chunks)
+
+
+@pytest.mark.parametrize(("token", "status"), [("", 401), ("wrong", 401), ("s3cret-token", 200)])
+async def test_debug_token(tmp_path: Path, token: str, status: int) -> None:
+    """With DEBUG_TOKEN set, only the right bearer token opens /debug."""
+    async with running_proxy(make_settings(tmp_path, debug_token="s3cret-token")) as proxy:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        reply = await http_request(f"{proxy.url}/debug", b"", method="GET", headers=headers)
+    assert reply.status == status
+
+
+async def test_health_ready_metrics(tmp_path: Path) -> None:
+    """healthz answers, readyz checks the store, metrics count turns without numbers in labels."""
+    call = str(uuidlib.uuid4())
+    async with running_proxy(make_settings(tmp_path)) as proxy:
+        await register_caller(proxy.url, call, "+593987654321", None, None, "json")
+        await play_call(proxy.url, call, ["hola"])
+        health = await http_request(f"{proxy.url}/healthz", b"", method="GET")
+        ready = await http_request(f"{proxy.url}/readyz", b"", method="GET")
+        metrics = await http_request(f"{proxy.url}/metrics", b"", method="GET")
+    assert health.status == 200 and ready.status == 200
+    assert orjson.loads(b"".join(ready.chunks))["store"] == "ok"
+    text = b"".join(metrics.chunks).decode()
+    assert 'avr_llm_proxy_turns_total{outcome="answered"}' in text
+    assert 'avr_llm_proxy_captures_total{source="http"}' in text
+    assert "avr_llm_proxy_upstream_latency_seconds_bucket" in text
+    assert "593987654321" not in text and call not in text
+
+
+async def test_readyz_reports_broken_store(tmp_path: Path) -> None:
+    """When the SQLite file becomes unusable, /readyz says so with a 503 and the reason."""
+    db = tmp_path / "calls.db"
+    async with running_proxy(make_settings(tmp_path, store_url=f"sqlite:///{db}")) as proxy:
+        with sqlite3.connect(db) as conn:
+            conn.execute("DROP TABLE calls")
+        ready = await http_request(f"{proxy.url}/readyz", b"", method="GET")
+        assert ready.status == 503 and b"unusable" in b"".join(ready.chunks)
+        turn = await play_call(proxy.url, str(uuidlib.uuid4()), ["hola"])
+        assert turn[0].status == 200 and turn[0].problems == []

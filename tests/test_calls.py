@@ -1,0 +1,149 @@
+"""calls.py over every store: one contract, run against memory and SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from avr_llm_proxy.calls import CallRecord, CallRegistry
+from avr_llm_proxy.identity import parse_caller
+from avr_llm_proxy.stores import Store, open_store
+from avr_llm_proxy.stores.memory import MemoryStore
+
+UUID = "cbb1cd1e-86d0-4af4-b938-ebd18537fffb"
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'calls.db'}"
+    opened = open_store(url)
+    yield opened
+    await opened.close()
+
+
+def record(uuid: str = UUID, number: str = "+593987654321") -> CallRecord:
+    return CallRecord(uuid=uuid, caller=parse_caller(number, "Juan Perez", "0", source="http"), called_number="5551000")
+
+
+class TestStoreContract:
+    """What every store must do, whatever keeps the bytes."""
+
+    async def test_put_get_delete(self, store: Store) -> None:
+        """A value comes back as stored until it is deleted."""
+        await store.put("k", b"v", time.time() + 60)
+        assert await store.get("k") == b"v"
+        assert await store.delete("k") is True
+        assert await store.get("k") is None and await store.delete("k") is False
+
+    async def test_put_replaces(self, store: Store) -> None:
+        """A second put for a key replaces the value and the expiry."""
+        await store.put("k", b"1", time.time() + 60)
+        await store.put("k", b"2", time.time() + 60)
+        assert await store.get("k") == b"2"
+
+    async def test_expired_values_are_gone(self, store: Store) -> None:
+        """After its expiry a value is not returned, and purge removes it."""
+        await store.put("old", b"v", time.time() - 1)
+        await store.put("new", b"v", time.time() + 60)
+        assert await store.get("old") is None
+        assert await store.purge_expired(time.time()) in (0, 1)
+        assert await store.get("new") == b"v"
+
+    async def test_ping(self, store: Store) -> None:
+        """A usable store answers ping without raising."""
+        await store.ping()
+
+
+async def test_record_round_trip(store: Store) -> None:
+    """A record comes back exactly as captured, caller and all."""
+    registry = CallRegistry(store, 3600)
+    stored = await registry.put(record())
+    fetched = await registry.get(UUID)
+    assert fetched == stored and fetched is not None
+    assert fetched.caller.e164 == "+593987654321" and fetched.caller.name == "Juan Perez"
+    assert fetched.expires_at > time.time() + 3500
+
+
+async def test_wait_wakes_on_put(store: Store) -> None:
+    """A waiting turn gets the record as soon as it is put, well before its wait ends."""
+    registry = CallRegistry(store, 3600)
+    waiter = asyncio.create_task(registry.wait(UUID, 5.0))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    await registry.put(record())
+    found = await waiter
+    assert found is not None and found.uuid == UUID
+    assert time.monotonic() - started < 2.5
+
+
+async def test_wait_gives_up(store: Store) -> None:
+    """Without a capture the wait returns None after its time."""
+    registry = CallRegistry(store, 3600)
+    assert await registry.wait(UUID, 0.05) is None
+
+
+async def test_late_source_is_kept(store: Store) -> None:
+    """A caller found by a late source (the legacy file) is stored for the rest of the call."""
+    calls = 0
+
+    async def source(uuid: str) -> CallRecord | None:
+        nonlocal calls
+        calls += 1
+        return record(uuid) if calls == 1 else None
+
+    registry = CallRegistry(store, 3600, [source])
+    first = await registry.get(UUID)
+    second = await registry.get(UUID)
+    assert first is not None and second is not None and second.caller == first.caller and calls == 1
+
+
+async def test_touch_renews_only_late_in_life(store: Store) -> None:
+    """touch re-stores a record only once half its TTL has passed."""
+    registry = CallRegistry(store, 3600)
+    stored = await registry.put(record())
+    assert await registry.touch(stored) is stored
+    aged = CallRecord(uuid=UUID, caller=stored.caller, expires_at=time.time() + 100)
+    renewed = await registry.touch(aged)
+    assert renewed.expires_at > time.time() + 3500
+
+
+async def test_sqlite_shared_between_two_registries(tmp_path: Path) -> None:
+    """Two processes' registries on one SQLite file see each other's captures (the wait polls)."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    first, second = open_store(url), open_store(url)
+    try:
+        writer, reader = CallRegistry(first, 3600), CallRegistry(second, 3600)
+        waiting = asyncio.create_task(reader.wait(UUID, 5.0))
+        await asyncio.sleep(0.05)
+        await writer.put(record())
+        found = await waiting
+        assert found is not None and found.caller.e164 == "+593987654321"
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_sqlite_record_survives_reopen(tmp_path: Path) -> None:
+    """A restart (a new store on the same file) still finds the call's caller."""
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    store = open_store(url)
+    await CallRegistry(store, 3600).put(record())
+    await store.close()
+    reopened = open_store(url)
+    try:
+        found = await CallRegistry(reopened, 3600).get(UUID)
+        assert found is not None and found.caller.e164 == "+593987654321"
+    finally:
+        await reopened.close()
+
+
+async def test_memory_store_is_bounded() -> None:
+    """The memory store never holds more than its cap."""
+    store = MemoryStore(max_entries=3)
+    for index in range(10):
+        await store.put(f"k{index}", b"v", time.time() + 60)
+    assert await store.get("k9") == b"v" and await store.get("k0") is None

@@ -1,0 +1,116 @@
+"""The `avr-llm-proxy` command as an operator runs it: real processes, real ports."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid as uuidlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from avr_llm_proxy.simulate import play_call, register_caller
+
+from .conftest import clean_environ, closed_port
+
+COMMAND = [sys.executable, "-m", "avr_llm_proxy"]
+
+
+def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*COMMAND, *args], cwd=cwd, env=clean_environ(**env), capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.fixture
+def served(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """`avr-llm-proxy serve` on its embedded defaults (SQLite in the working directory, demo API)."""
+    port = closed_port()
+    extra = getattr(request, "param", [])
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen([*COMMAND, "serve", "--port", str(port), *extra], cwd=tmp_path,
+                                   env=clean_environ(CALLERID_DIR=str(tmp_path)), stderr=log_file)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/healthz", timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"serve did not start: {log_path.read_text()}") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def test_invalid_setting_stops_startup_with_one_line(tmp_path: Path) -> None:
+    """A bad value stops serve before it binds, with one line naming the setting."""
+    result = run(["serve"], tmp_path, PORT="abc")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "invalid setting PORT" in result.stderr and "'abc'" in result.stderr
+
+
+def test_workers_with_memory_store_refused(tmp_path: Path) -> None:
+    """Several workers cannot share a memory store; serve says so and which setting to change."""
+    result = run(["serve", "--workers", "2"], tmp_path, STORE_URL="memory://")
+    assert result.returncode == 2 and "STORE_URL" in result.stderr and "sqlite" in result.stderr
+
+
+def test_serve_and_simulate_on_defaults(served: str, tmp_path: Path) -> None:
+    """serve alone gives caller-aware answers (demo API); simulate prints what the caller hears."""
+    result = run(["simulate", "--url", served, "--caller", "0987654321", "--name", "Juan Perez",
+                  "hola, necesito ayuda", "quiero saber el estado de mi pedido"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "< Hola Juan, gracias por llamar." in result.stdout
+    assert "< Su pedido 1043 está en camino y llega mañana." in result.stdout.split("> quiero")[1]
+    assert "!" not in "".join(line[:1] for line in result.stdout.splitlines())
+    assert (tmp_path / "avr-llm-proxy.db").exists()
+    log = (tmp_path / "serve.log").read_text()
+    assert "event=turn" in log and "caller_number=+593*****4321" in log and "593987654321" not in log
+
+
+def test_simulate_withheld_caller_via_form(served: str, tmp_path: Path) -> None:
+    """A withheld caller registered the CURL() way is answered as such."""
+    result = run(["simulate", "--url", served, "--register", "form", "--caller", "anonymous", "hola"], tmp_path)
+    assert result.returncode == 0 and "Su número está oculto" in result.stdout
+
+
+def test_simulate_reports_unreachable_proxy(tmp_path: Path) -> None:
+    """Pointing simulate at nothing gives an error line and a failing exit code."""
+    result = run(["simulate", "--url", f"http://127.0.0.1:{closed_port()}", "--caller", "1", "hola"], tmp_path)
+    assert result.returncode == 1 and "cannot reach" in result.stderr
+
+
+def test_check(tmp_path: Path) -> None:
+    """check passes on defaults and fails, naming it, when the business API is not reachable."""
+    good = run(["check"], tmp_path, CALLERID_DIR=str(tmp_path))
+    assert good.returncode == 0 and "ok   store" in good.stdout
+    bad = run(["check"], tmp_path, API_URL=f"http://127.0.0.1:{closed_port()}/api")
+    assert bad.returncode == 1 and "FAIL business API reachable" in bad.stdout
+
+
+@pytest.mark.parametrize("served", [["--workers", "2"]], indirect=True)
+def test_workers_share_sqlite(served: str) -> None:
+    """With two worker processes, a caller captured by one is carried by turns served by either."""
+
+    async def calls() -> None:
+        async def one(index: int) -> None:
+            call = str(uuidlib.uuid4())
+            await register_caller(served, call, "+593987654321" if index % 2 else "anonymous", None, None, "json")
+            for heard in await play_call(served, call, ["hola", "pedido", "gracias"]):
+                assert heard.problems == []
+                expected = "Hola Juan" if index % 2 else "Su número está oculto"
+                assert expected in " ".join(heard.sentences) or "Su pedido 1043" in " ".join(heard.sentences) \
+                    or "Entendido, Juan" in " ".join(heard.sentences)
+
+        await asyncio.gather(*(one(index) for index in range(40)))
+
+    asyncio.run(calls())

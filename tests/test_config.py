@@ -1,0 +1,58 @@
+"""config.py: typed settings from env and .env, the seed's names, one clear line on a bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from avr_llm_proxy.config import Settings, SettingsError, load_settings
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    """No environment: loopback, port 6017, SQLite store, demo API, masked numbers."""
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert (settings.host, settings.port, settings.api_url) == ("127.0.0.1", 6017, "")
+    assert settings.store_url == "sqlite:///avr-llm-proxy.db" and settings.bot_phone == "593985059132"
+    assert (settings.caller_wait_ms, settings.caller_ttl_seconds, settings.api_timeout_ms) == (500, 3600, 8000)
+    assert settings.log_numbers == "masked" and settings.default_region == "EC" and settings.agi_listen
+
+
+def test_seed_names_are_aliases(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An existing seed deployment's CLIPP_PHONE and CLIPP_API_URL keep working."""
+    monkeypatch.setenv("CLIPP_PHONE", "593900000000")
+    monkeypatch.setenv("CLIPP_API_URL", "http://api.example:8080/api/bot")
+    settings = load_settings(_env_file=None)
+    assert settings.bot_phone == "593900000000" and settings.api_url == "http://api.example:8080/api/bot"
+
+
+def test_env_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A .env file in the working directory is read; the environment wins over it."""
+    (tmp_path / ".env").write_text("PORT=7001\nDEFAULT_REGION=es\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PORT", "7002")
+    settings = load_settings()
+    assert settings.port == 7002 and settings.default_region == "ES"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "words"),
+    [
+        ("PORT", "seventy", "PORT"),
+        ("STORE_URL", "postgres://x", "memory:// or sqlite:///"),
+        ("API_URL", "ftp://x", "http:// or https://"),
+        ("NUMBER_FORMAT", "fancy", "e164"),
+        ("DEFAULT_REGION", "XX", "two-letter region"),
+        ("AGI_LISTEN", "nohost", "host:port"),
+        ("CALLER_WAIT_MS", "-1", "CALLER_WAIT_MS"),
+        ("LOG_NUMBERS", "hash", "HASH_KEY"),
+    ],
+)
+def test_invalid_value_gives_one_clear_line(monkeypatch: pytest.MonkeyPatch, name: str, value: str, words: str) -> None:
+    """The error names the setting and what it accepts, on one line."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(_env_file=None)
+    message = str(caught.value)
+    assert "\n" not in message and words in message
+    assert name in message or name == "LOG_NUMBERS"

@@ -1,0 +1,72 @@
+"""speech.py: every sentence we send is one avr-core sentence, and no word is lost."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from avr_llm_proxy.avr import ReplyReader, frame
+from avr_llm_proxy.speech import SENTENCE, clean, sentences
+
+
+def test_observed_stream_sentences_case_is_fixed() -> None:
+    """The text avr-core mangled in reply-framing.json is spoken whole and correctly."""
+    text = "Claro... El total es 3.5 euros 😀. ¿Algo más? Gracias por llamar"
+    assert sentences(text) == ["Claro.", "El total es 3,5 euros.", "¿Algo más?", "Gracias por llamar."]
+
+
+def test_decimals_and_thousands_are_not_split() -> None:
+    """A dot inside a number would cut it in two sentences; it becomes a comma or goes."""
+    assert sentences("Son 3.5 kg y 1.500 dólares") == ["Son 3,5 kg y 1500 dólares."]
+
+
+def test_ellipsis_mid_sentence_becomes_a_pause() -> None:
+    """An ellipsis before lower-case text is a comma, not three sentences."""
+    assert sentences("Bueno... quizás mañana") == ["Bueno, quizás mañana."]
+
+
+def test_repeated_marks_collapse() -> None:
+    """`!!!` and `?!` end one sentence, not several empty ones."""
+    assert sentences("¡Genial!!! ¿De verdad?!") == ["¡Genial!", "¿De verdad?"]
+
+
+def test_markdown_and_lines() -> None:
+    """Markdown marks go, links keep their text, each line ends a sentence."""
+    text = "# Título\n**Negrita** y [enlace](http://x.example)\n1. uno\n2. dos"
+    assert sentences(text) == ["Título.", "Negrita y enlace.", "1, uno.", "2, dos."]
+
+
+def test_bracketed_citations_are_removed() -> None:
+    """OpenAI-style 【…】 citations never reach the caller."""
+    assert sentences("Hola 【4:0†fuente】 Juan.") == ["Hola Juan."]
+
+
+def test_empty_and_symbol_only_answers_send_nothing() -> None:
+    """Nothing speakable means no chunk at all, never an empty sentence."""
+    assert sentences("") == [] and sentences("😀🎉") == [] and sentences("... !!! ???") == []
+
+
+def test_clean_collapses_whitespace() -> None:
+    """Newlines and runs of spaces become single spaces."""
+    assert clean("a  b\n\nc") == "a b. c."
+
+
+@given(st.text(max_size=400))
+def test_any_text_becomes_whole_avr_sentences(text: str) -> None:
+    """Whatever the API says, each sentence is exactly one avr-core match and avr-core drops nothing."""
+    reader = ReplyReader()
+    for sentence in sentences(text):
+        assert [m.group(0) for m in SENTENCE.finditer(sentence)] == [sentence]
+        assert re.search(r"\w", sentence)
+        assert reader.chunk(frame(sentence)) != []
+    assert reader.end() == ""
+
+
+@given(st.lists(st.text(alphabet="abcdefghij áéñ", min_size=1, max_size=12), min_size=1, max_size=30))
+def test_words_are_never_lost(words: list[str]) -> None:
+    """Every word of a plain answer is spoken, in order."""
+    text = " ".join(words)
+    spoken = " ".join(sentences(text)).replace(".", " ").split()
+    assert spoken == text.split()
