@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
+import uvloop
 
 from avr_llm_proxy.simulate import hear, read_reply
 
@@ -244,9 +245,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as workdir, started([python, str(HERE / "fake_api.py"), str(api_port)],
                                                             api_port):
         with started(proxy, proxy_port, proxy_env(api_port, proxy_port, f"sqlite:///{workdir}/calls.db"), workdir):
-            direct = asyncio.run(paced_calls(api_port, args.calls, args.seconds, through_proxy=False))
-            via = asyncio.run(paced_calls(proxy_port, args.calls, args.seconds, through_proxy=True))
-            rate, saturated = asyncio.run(saturate(proxy_port, args.connections, args.saturate_seconds))
+            direct = uvloop.run(paced_calls(api_port, args.calls, args.seconds, through_proxy=False))
+            via = uvloop.run(paced_calls(proxy_port, args.calls, args.seconds, through_proxy=True))
+            rate, saturated = uvloop.run(saturate(proxy_port, args.connections, args.saturate_seconds))
         wrong += len(direct.wrong) + len(via.wrong) + len(saturated.wrong)
         results += [
             (f"paced: {args.calls} calls, a turn every 2 s, API direct p50 / p99",
@@ -262,7 +263,7 @@ def main() -> int:
         with started(proxy, memory_port, proxy_env(api_port, memory_port, "memory://"), workdir) as process:
             time.sleep(0.5)
             before = rss_kib(process.pid)
-            asyncio.run(track_calls(memory_port, args.tracked))
+            uvloop.run(track_calls(memory_port, args.tracked))
             time.sleep(0.5)
             after = rss_kib(process.pid)
         per_call = (after - before) * 1024 / args.tracked

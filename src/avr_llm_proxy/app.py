@@ -11,12 +11,13 @@ from typing import Any
 
 import structlog
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .calls import CallRegistry
 from .capture.files import LegacyCallerFiles
-from .capture.routes import capture_router, read_body
+from .capture.routes import capture_router
 from .config import Settings
 from .demo_api import DemoApi
 from .privacy import number_redactor
@@ -29,11 +30,6 @@ log = structlog.get_logger("avr_llm_proxy.app")
 MAINTENANCE_INTERVAL_S = 60.0
 
 
-async def _frames(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
-    for chunk in chunks:
-        yield chunk
-
-
 def _is_loopback(host: str | None) -> bool:
     try:
         return host is not None and ipaddress.ip_address(host).is_loopback
@@ -41,7 +37,7 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings) -> ASGIApp:
     """The HTTP service for one process, built from `settings` and nothing else."""
     store = open_store(settings.store_url)
     files = LegacyCallerFiles(settings.callerid_dir, settings.caller_ttl_seconds, settings.default_region) \
@@ -90,18 +86,7 @@ def create_app(settings: Settings) -> FastAPI:
             await store.close()
 
     app = FastAPI(title="avr-llm-proxy", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.settings = settings
-    app.state.registry = registry
     app.include_router(capture_router(registry, settings.default_region))
-
-    @app.post("/prompt-stream", summary="avr-core's LLM_URL: one turn, answered as one text object per chunk")
-    async def prompt_stream(request: Request) -> StreamingResponse:
-        body = await read_body(request, settings.max_body_bytes)
-        if body is None:
-            chunks: AsyncIterator[bytes] = _frames(turns.reject("body_too_large"))
-        else:
-            chunks = turns.handle(body, request.headers.get("x-uuid"))
-        return StreamingResponse(chunks, media_type="application/json")
 
     @app.get("/healthz", summary="The process is up")
     async def healthz() -> dict[str, str]:
@@ -143,10 +128,84 @@ def create_app(settings: Settings) -> FastAPI:
             })
         return JSONResponse({"calls": calls})
 
-    return app
+    return PromptStreamRoute(app, turns, settings.max_body_bytes)
 
 
-def app_from_env() -> FastAPI:
+class _Disconnected(Exception):
+    """The client went away before its request body was complete."""
+
+
+class PromptStreamRoute:
+    """avr-core's `POST /prompt-stream`, served on raw ASGI in front of the framework.
+
+    It is the one hot path: the profile showed FastAPI's routing, middleware and StreamingResponse
+    costing more than the turn itself, and none of them is needed to stream frames.
+    """
+
+    def __init__(self, app: ASGIApp, turns: Turns, max_body: int) -> None:
+        self.app = app
+        self.turns = turns
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/prompt-stream" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        try:
+            body = await self._body(headers.get(b"content-length", b""), receive)
+        except _Disconnected:
+            return
+        header_uuid = headers.get(b"x-uuid")
+        if body is None:
+            frames: AsyncIterator[bytes] = _each(self.turns.reject("body_too_large"))
+        else:
+            frames = self.turns.handle(body, header_uuid.decode("latin-1") if header_uuid else None)
+        await _stream(frames, send)
+
+    async def _body(self, declared: bytes, receive: Receive) -> bytes | None:
+        """The request body, or None once it passes the cap (the rest is not read)."""
+        if declared.isdigit() and int(declared) > self.max_body:
+            return None
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise _Disconnected
+            part = message.get("body", b"")
+            size += len(part)
+            if size > self.max_body:
+                return None
+            parts.append(part)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+
+
+_STREAM_HEADERS = [(b"content-type", b"application/json")]
+
+
+async def _each(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def _stream(frames: AsyncIterator[bytes], send: Send) -> None:
+    """One frame per HTTP chunk. The headers wait for the first frame and the last frame leaves with the
+    end of the body, so a one-sentence answer reaches avr-core in back-to-back writes."""
+    held: bytes | None = None
+    async for chunk in frames:
+        if held is None:
+            await send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS})
+        else:
+            await send({"type": "http.response.body", "body": held, "more_body": True})
+        held = chunk
+    if held is None:
+        await send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS})
+    await send({"type": "http.response.body", "body": held or b"", "more_body": False})
+
+
+def app_from_env() -> ASGIApp:
     """Factory for `serve --workers N`: each worker process builds its own app from the environment."""
     from .config import load_settings
     from .observability import configure_logging

@@ -48,6 +48,8 @@ def serve(args: argparse.Namespace) -> int:
         "http": "httptools", "loop": "uvloop" if sys.platform != "win32" else "asyncio",
         # Longer than avr-core's (Node's) keep-alive, so a reused connection is never closed under it.
         "timeout_keep_alive": 75,
+        # The proxy decides who is local (/debug) from the socket, never from X-Forwarded-For.
+        "proxy_headers": False,
     }
     if args.workers > 1:
         uvicorn.run("avr_llm_proxy.app:app_from_env", factory=True, workers=args.workers, **options)  # type: ignore[arg-type]

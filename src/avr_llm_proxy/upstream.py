@@ -140,6 +140,7 @@ class HttpUpstream:
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None),
+            cookie_jar=aiohttp.DummyCookieJar(),
             headers={"User-Agent": "avr-llm-proxy", "Accept": "application/json, text/plain;q=0.9"},
             skip_auto_headers=("Accept-Encoding",),
         )
