@@ -84,6 +84,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "callerid_dir": str(tmp_path / "callerid"),
         "caller_wait_ms": 200,
         "api_timeout_ms": 2000,
+        "agi_listen": "",
     }
     values.update(overrides)
     (tmp_path / "callerid").mkdir(exist_ok=True)

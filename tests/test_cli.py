@@ -33,7 +33,7 @@ def served(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log_file:
         process = subprocess.Popen([*COMMAND, "serve", "--port", str(port), *extra], cwd=tmp_path,
-                                   env=clean_environ(CALLERID_DIR=str(tmp_path)), stderr=log_file)
+                                   env=clean_environ(CALLERID_DIR=str(tmp_path), AGI_LISTEN=""), stderr=log_file)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30

@@ -16,6 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .calls import CallRegistry
+from .capture.agi import FastAgiServer
+from .capture.ami import AmiListener
 from .capture.files import LegacyCallerFiles
 from .capture.routes import capture_router
 from .config import Settings
@@ -52,6 +54,8 @@ def create_app(settings: Settings) -> ASGIApp:
             caller_wait_s=settings.caller_wait_ms / 1000, fallback_message=settings.fallback_message,
         ),
     )
+    agi = FastAgiServer(registry, settings.agi_listen, settings.default_region) if settings.agi_listen else None
+    ami = AmiListener(registry, settings.ami_url, settings.default_region) if settings.ami_url else None
     redact = number_redactor(settings.log_numbers, settings.hash_key.encode())
 
     async def maintain() -> None:
@@ -69,12 +73,17 @@ def create_app(settings: Settings) -> ASGIApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await upstream.start()
+        if agi:
+            await agi.start()
+        if ami:
+            ami.start()
         if files:
             await asyncio.to_thread(files.sweep)
         task = asyncio.create_task(maintain())
         log.info(
             "proxy_ready", upstream=upstream.name, store=settings.store_url.split(":", 1)[0],
-            caller_dir=settings.callerid_dir or "off",
+            caller_dir=settings.callerid_dir or "off", agi=f"{agi.host}:{agi.port}" if agi else "off",
+            ami=f"{ami.endpoint.host}:{ami.endpoint.port}" if ami else "off",
         )
         try:
             yield
@@ -82,6 +91,10 @@ def create_app(settings: Settings) -> ASGIApp:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            if agi:
+                await agi.close()
+            if ami:
+                await ami.close()
             await upstream.close()
             await store.close()
 
@@ -92,12 +105,14 @@ def create_app(settings: Settings) -> ASGIApp:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="The store answers")
+    @app.get("/readyz", summary="The store answers; AMI state as detail (turns work without it)")
     async def readyz() -> Response:
         problem = await registry.ready()
+        detail = {"store": problem or "ok", "upstream": upstream.name,
+                  "ami": "off" if ami is None else "connected" if ami.connected else "disconnected"}
         if problem:
-            return JSONResponse({"status": "not_ready", "store": problem}, status_code=503)
-        return JSONResponse({"status": "ready", "store": "ok", "upstream": upstream.name})
+            return JSONResponse({"status": "not_ready", **detail}, status_code=503)
+        return JSONResponse({"status": "ready", **detail})
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:

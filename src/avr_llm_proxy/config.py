@@ -6,6 +6,7 @@ This is the one module that reads the environment; everything else receives a `S
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
 import phonenumbers
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
@@ -94,6 +95,15 @@ class Settings(BaseSettings):
         if self.log_numbers == "hash" and len(self.hash_key) < 16:
             raise ValueError("HASH_KEY must be a secret of 16+ characters when LOG_NUMBERS=hash")
         return self
+
+    @field_validator("ami_url")
+    @classmethod
+    def _ami(cls, value: str) -> str:
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme != "ami" or not parts.hostname or not parts.username or parts.password is None:
+                raise ValueError("must look like ami://user:secret@host:5038, or be empty to disable")
+        return value
 
     @property
     def sqlite_path(self) -> str | None:

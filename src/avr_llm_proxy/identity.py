@@ -95,11 +95,19 @@ def parse_presentation(value: object) -> Presentation | None:
         return "allowed" if bits == 0 else "withheld" if bits == 0x20 else "unavailable"
     if text.startswith("allowed"):
         return "allowed"
-    if text.startswith(("prohib", "restricted")):
+    if text.startswith(("prohib", "restricted", "withheld")):
         return "withheld"
     if text.startswith("unavailable"):
         return "unavailable"
     return None
+
+
+_RANK: dict[Presentation | None, int] = {None: 0, "allowed": 1, "unavailable": 2, "withheld": 3}
+
+
+def strictest(*values: object) -> Presentation | None:
+    """The most private of several presentation readings: a restriction from any source wins."""
+    return max((parse_presentation(value) for value in values), key=_RANK.__getitem__, default=None)
 
 
 def _clean(value: object, limit: int) -> str:

@@ -33,6 +33,9 @@ UPSTREAM_LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
 )
 CALLER_WAIT = Counter("avr_llm_proxy_caller_waits", "Turns that had to wait for a capture, by result", ["result"])
+AGI_SESSIONS = Counter("avr_llm_proxy_agi_sessions", "FastAGI sessions, by outcome", ["outcome"])
+AMI_EVENTS = Counter("avr_llm_proxy_ami_events", "AMI events read")
+AMI_CONNECTED = Gauge("avr_llm_proxy_ami_connected", "1 while logged in to the Asterisk manager")
 ACTIVE_TURNS = Gauge("avr_llm_proxy_active_turns", "Turns in progress")
 
 

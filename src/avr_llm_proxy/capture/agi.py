@@ -1,0 +1,256 @@
+"""FastAGI capture: `AGI(agi://proxy:4573/callerid)` records the caller and hands the call its UUID.
+
+The recommended way: no `SHELL()` fork, no caller data near a shell, and the proxy assigns the UUID
+the dialplan then dials with. `AgiParser` is sans-I/O (bytes in, events out); `FastAgiServer` is the
+thin asyncio adapter that reads, feeds, acts and writes (WIRE.md section 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid as uuidlib
+from dataclasses import dataclass
+
+import structlog
+
+from ..avr import canonical_uuid
+from ..calls import CallRecord, CallRegistry
+from ..identity import parse_caller, parse_presentation, sanitize_raw, strictest
+from ..observability import AGI_SESSIONS
+from ..stores import StoreError
+
+log = structlog.get_logger("avr_llm_proxy.capture.agi")
+
+MAX_LINE_BYTES = 8192
+MAX_ENV_LINES = 256
+SCRIPT = "callerid"
+_REPLY = re.compile(r"^(\d{3})(?:[ -](.*))?$")
+_RESULT = re.compile(r"result=(-?\d+)(?:\s+\((.*)\))?")
+
+
+class AgiProtocolError(Exception):
+    """The peer sent something FastAGI does not allow (over-long line, endless environment)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgiEnvironment:
+    """The `agi_*` block Asterisk sends first, keys lower-cased."""
+
+    values: dict[str, str]
+
+    def get(self, key: str) -> str:
+        """The value, with Asterisk's literal `unknown` (absent number, name, DNID) read as empty."""
+        value = self.values.get(key, "")
+        return "" if value == "unknown" else value
+
+    @property
+    def script(self) -> str:
+        """`agi_network_script` without a leading slash or query: the route name."""
+        return self.values.get("agi_network_script", "").split("?", 1)[0].strip("/").lower()
+
+
+@dataclass(frozen=True, slots=True)
+class AgiReply:
+    """One reply line to a command: `200 result=1 (value)`, `510 …`, `511 …`, `520 …`."""
+
+    code: int
+    result: int | None
+    value: str | None
+    line: str
+
+
+@dataclass(frozen=True, slots=True)
+class AgiHangup:
+    """Asterisk's `HANGUP` line: the channel went away."""
+
+
+AgiEvent = AgiEnvironment | AgiReply | AgiHangup
+
+
+class AgiParser:
+    """Feed bytes, get events; LF or CRLF, over-long lines refused, b"" is the end of the stream."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._env: dict[str, str] | None = {}
+        self._env_lines = 0
+        self.closed = False
+
+    def feed(self, data: bytes) -> list[AgiEvent]:
+        if not data:
+            self.closed = True
+            return []
+        self._buffer += data
+        events: list[AgiEvent] = []
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > MAX_LINE_BYTES:
+                    raise AgiProtocolError("line too long")
+                return events
+            if end > MAX_LINE_BYTES:
+                raise AgiProtocolError("line too long")
+            raw, self._buffer = self._buffer[:end], self._buffer[end + 1:]
+            event = self._line(raw.rstrip(b"\r").decode("utf-8", errors="replace"))
+            if event is not None:
+                events.append(event)
+
+    def _line(self, line: str) -> AgiEvent | None:
+        if self._env is not None:
+            if not line:
+                env, self._env = self._env, None
+                return AgiEnvironment(env)
+            self._env_lines += 1
+            if self._env_lines > MAX_ENV_LINES:
+                raise AgiProtocolError("environment too long")
+            key, sep, value = line.partition(":")
+            if sep and key.strip():
+                self._env[key.strip().lower()] = value[1:] if value.startswith(" ") else value
+            return None
+        if line.strip().upper() == "HANGUP":
+            return AgiHangup()
+        match = _REPLY.match(line.strip())
+        if match is None:
+            return None
+        result = _RESULT.search(match.group(2) or "")
+        return AgiReply(
+            code=int(match.group(1)),
+            result=int(result.group(1)) if result else None,
+            value=result.group(2) if result else None,
+            line=line,
+        )
+
+
+def record_from_environment(env: AgiEnvironment, uuid: str, num_pres: str | None, region: str) -> CallRecord:
+    """The call record an AGI environment describes; `num_pres` is `CALLERID(num-pres)` when asked."""
+    caller = parse_caller(
+        env.get("agi_callerid"),
+        env.get("agi_calleridname"),
+        strictest(env.values.get("agi_callingpres"), num_pres),
+        source="agi",
+        region=region,
+    )
+    dnid = sanitize_raw(env.get("agi_dnid"))
+    extension = sanitize_raw(env.get("agi_extension"))
+    called = dnid or (extension if extension.lstrip("+").isdigit() else "")
+    return CallRecord(
+        uuid=uuid,
+        caller=caller,
+        called_number=called or None,
+        channel=env.get("agi_channel")[:128] or None,
+        uniqueid=env.get("agi_uniqueid")[:64] or None,
+    )
+
+
+def quote_agi(value: str) -> str:
+    """An AGI command argument: quoted, with quotes and backslashes escaped (res_agi.c parse_args)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class _Session:
+    """One FastAGI connection: read the environment, record the caller, answer `SET VARIABLE UUID`."""
+
+    def __init__(self, server: FastAgiServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.parser = AgiParser()
+        self.pending: list[AgiEvent] = []
+
+    async def next_event(self) -> AgiEvent | None:
+        """The next event, None at end of stream; raises TimeoutError when the peer goes silent."""
+        while not self.pending:
+            if self.parser.closed:
+                return None
+            data = await asyncio.wait_for(self.reader.read(4096), self.server.idle_timeout)
+            self.pending.extend(self.parser.feed(data))
+        return self.pending.pop(0)
+
+    async def command(self, line: str) -> AgiReply | None:
+        self.writer.write(line.encode() + b"\n")
+        await self.writer.drain()
+        while True:
+            event = await self.next_event()
+            if event is None or isinstance(event, AgiHangup):
+                return None
+            if isinstance(event, AgiReply):
+                return event
+
+    async def run(self) -> str:
+        event = await self.next_event()
+        if not isinstance(event, AgiEnvironment):
+            return "no_environment"
+        env = event
+        if env.script != SCRIPT:
+            log.warning("agi_unknown_script", script=env.script[:64], channel=env.get("agi_channel")[:64])
+            return "unknown_script"
+        uuid = canonical_uuid(env.get("agi_arg_1")) or str(uuidlib.uuid4())
+        num_pres = None
+        if parse_presentation(env.values.get("agi_callingpres")) in (None, "allowed"):
+            # A num-pres change alone leaves agi_callingpres allowed (presentation.json): ask.
+            reply = await self.command("GET FULL VARIABLE ${CALLERID(num-pres)}")
+            if reply is None:
+                return "hangup"
+            num_pres = reply.value if reply.code == 200 and reply.result == 1 else None
+        record = record_from_environment(env, uuid, num_pres, self.server.region)
+        try:
+            stored = await self.server.registry.put(record)
+        except StoreError as exc:
+            log.error("capture_not_stored", uuid=uuid, source="agi", reason=str(exc))
+            stored = record
+        log.info(
+            "caller_captured", uuid=uuid, source="agi", caller_number=stored.caller.log_number,
+            presentation=stored.caller.presentation, channel=stored.channel,
+        )
+        reply = await self.command(f"SET VARIABLE UUID {quote_agi(uuid)}")
+        return "ok" if reply is not None and reply.code == 200 else "hangup"
+
+
+class FastAgiServer:
+    """The asyncio FastAGI server `serve` runs on `AGI_LISTEN`."""
+
+    def __init__(self, registry: CallRegistry, listen: str, region: str, idle_timeout: float = 5.0) -> None:
+        self.registry = registry
+        host, _, port = listen.rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
+        self.region = region
+        self.idle_timeout = idle_timeout
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        # reuse_port: with `serve --workers N` every worker listens and the kernel spreads the sessions.
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self.port, backlog=1024, reuse_port=self.port != 0
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("agi_listening", host=self.host, port=self.port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        started = time.perf_counter()
+        session = _Session(self, reader, writer)
+        try:
+            outcome = await session.run()
+        except TimeoutError:
+            outcome = "idle_timeout"
+        except AgiProtocolError as exc:
+            outcome = "protocol_error"
+            log.warning("agi_protocol_error", reason=str(exc))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            outcome = "connection_lost"
+        finally:
+            writer.close()
+        AGI_SESSIONS.labels(outcome=outcome).inc()
+        if outcome not in ("ok", "unknown_script", "protocol_error"):
+            elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
+            log.warning("agi_session_ended", outcome=outcome, elapsed_ms=elapsed_ms)
+        try:
+            await writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass

