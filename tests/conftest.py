@@ -153,6 +153,9 @@ class FakeApi:
             await asyncio.sleep(3600)
         if self.mode == "fixed":
             return web.json_response({"message": self.answer})
+        if self.mode == "raw":
+            status, headers, body = self.answer
+            return web.Response(status=status, headers=headers, body=body)
         return web.json_response({"message": f"Hola {payload['caller_number']}. Usted dijo: {payload['text']}."})
 
 

@@ -94,3 +94,16 @@ def test_reply_reader_audio_kills_avr_core() -> None:
 def test_frame_is_one_compact_object() -> None:
     """A frame is exactly the object avr-core expects, UTF-8, no newline."""
     assert frame("¿Algo más?") == '{"type":"text","content":"¿Algo más?"}'.encode()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"messages": None}, {"messages": [{"role": "user", "content": ["a", "b"]}]}, {"callerid": 5.5},
+     {"messages": [{"role": "assistant", "content": "x."}] * 6000}, {"messages": [1, "x", None]},
+     {"callerid": {"nested": 1}}],
+)
+def test_odd_history_never_costs_an_answer(extra: dict[str, object]) -> None:
+    """Only uuid and message must be right; a long or odd history or caller field still gives a turn."""
+    body = orjson.dumps({"uuid": "cbb1cd1e-86d0-4af4-b938-ebd18537fffb", "message": "hola", **extra})
+    turn = parse_turn(body)
+    assert turn.message == "hola" and turn.turn >= 1

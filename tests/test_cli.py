@@ -114,3 +114,10 @@ def test_workers_share_sqlite(served: str) -> None:
         await asyncio.gather(*(one(index) for index in range(40)))
 
     asyncio.run(calls())
+
+
+def test_unusable_store_stops_startup(tmp_path: Path) -> None:
+    """A SQLite path that cannot be created stops serve with one line naming STORE_URL."""
+    result = run(["serve"], tmp_path, STORE_URL="sqlite:////proc/nonexistent/calls.db")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "invalid setting STORE_URL" in result.stderr

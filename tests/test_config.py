@@ -56,3 +56,13 @@ def test_invalid_value_gives_one_clear_line(monkeypatch: pytest.MonkeyPatch, nam
     message = str(caught.value)
     assert "\n" not in message and words in message
     assert name in message or name == "LOG_NUMBERS"
+
+
+@pytest.mark.parametrize(("name", "value"), [("FALLBACK_MESSAGE", "..."), ("FALLBACK_MESSAGE", "😀"),
+                                             ("API_URL", "http://"), ("CLIPP_API_URL", "ftp://x")])
+def test_values_that_would_fail_silently_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    """A fallback with nothing to speak, or an API URL without a host, stops start-up."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(_env_file=None)
+    assert name in str(caught.value)

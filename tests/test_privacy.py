@@ -55,3 +55,9 @@ def test_exceptions_are_scrubbed(logs) -> None:  # type: ignore[no-untyped-def]
         log.exception("boom")
     rendered = "\n".join(logs())
     assert "boom" in rendered and "+593987654321" not in rendered and "+593*****4321" in rendered
+
+
+def test_addresses_and_uniqueids_are_not_numbers() -> None:
+    """IPv4 addresses and Asterisk uniqueids stay readable; the phone number next to them does not."""
+    text = "client 10.20.30.40 uniqueid 1770758888.32 listen 127.0.0.1:4573 caller 0987654321"
+    assert scrub_text(text, mask_number) == text.replace("0987654321", "******4321")

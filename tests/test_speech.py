@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from avr_llm_proxy.avr import ReplyReader, frame
-from avr_llm_proxy.speech import SENTENCE, clean, sentences
+from avr_llm_proxy.speech import MAX_REPLY_CHARS, MAX_SENTENCE_CHARS, SENTENCE, clean, sentences
 
 
 def test_observed_stream_sentences_case_is_fixed() -> None:
@@ -70,3 +70,31 @@ def test_words_are_never_lost(words: list[str]) -> None:
     text = " ".join(words)
     spoken = " ".join(sentences(text)).replace(".", " ").split()
     assert spoken == text.split()
+
+
+def test_long_unpunctuated_answer_is_cut_quickly() -> None:
+    """A 20 KB answer without a full stop is cut into small sentences (linear work, no stalled loop)."""
+    text = "palabra " * 2500 + ","
+    result = sentences(text)
+    assert 1 < len(result) <= MAX_REPLY_CHARS // 100
+    assert all(len(sentence) <= MAX_SENTENCE_CHARS + 1 and sentence.endswith(".") for sentence in result)
+    assert " ".join(result).replace(".", " ").split() == ["palabra"] * (MAX_REPLY_CHARS // len("palabra "))
+
+
+def test_hostile_patterns_do_not_explode() -> None:
+    """Brackets, parentheses and spaces by the thousand are handled in one pass each."""
+    for text in ("[" * 20000, "(" * 20000, " " * 20000 + ".", "a." * 20000):
+        assert all(len(s) <= MAX_SENTENCE_CHARS + 1 for s in sentences(text))
+
+
+def test_tabs_are_spaces() -> None:
+    """A tab separates words; it never glues them."""
+    assert sentences("hola\tmundo") == ["hola mundo."]
+
+
+def test_long_sentence_is_cut_at_a_comma() -> None:
+    """A sentence past the chunk cap is cut at a comma, each piece ending in a full stop."""
+    text = ", ".join(f"elemento número {index}" for index in range(30)) + "."
+    result = sentences(text)
+    assert len(result) > 1 and all(s.endswith(".") and len(s) <= MAX_SENTENCE_CHARS + 1 for s in result)
+    assert " ".join(result).replace(".", "").replace(",", "").split() == text.replace(",", "").rstrip(".").split()

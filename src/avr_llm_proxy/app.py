@@ -163,7 +163,7 @@ class PromptStreamRoute:
         self.max_body = max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/prompt-stream" or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["path"].rstrip("/") != "/prompt-stream" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])

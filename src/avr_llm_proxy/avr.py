@@ -11,7 +11,6 @@ import re
 from dataclasses import dataclass
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .speech import SENTENCE, drop_symbols
 
@@ -36,22 +35,6 @@ class AvrRequestError(Exception):
         self.uuid = uuid
 
 
-class _HistoryItem(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str = ""
-    content: str | None = None
-
-
-class _TurnBody(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-    uuid: str | None = Field(None, max_length=200)
-    message: str | None = Field(None, max_length=MAX_MESSAGE_CHARS)
-    messages: list[_HistoryItem] = Field(default_factory=list, max_length=5000)
-    callerid: str | int | None = None
-    caller_number: str | int | None = None
-    from_: str | int | None = Field(None, alias="from")
-
-
 @dataclass(frozen=True, slots=True)
 class AvrTurn:
     """One utterance of one call, as avr-core asked for an answer to it."""
@@ -62,33 +45,48 @@ class AvrTurn:
     body_caller: str | None = None
 
 
+def _body_caller(data: dict[str, object]) -> str | None:
+    """The seed's optional caller fields, first present one wins; only scalars count."""
+    for key in ("callerid", "caller_number", "from"):
+        value = data.get(key)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and str(value).strip():
+            return str(value)[:256]
+    return None
+
+
+def _turn_number(messages: object) -> int:
+    """How many times the caller has spoken: the user entries of the history (at least 1)."""
+    if not isinstance(messages, list):
+        return 1
+    return max(1, sum(1 for item in messages if isinstance(item, dict) and item.get("role") == "user"))
+
+
 def parse_turn(body: bytes, header_uuid: str | None = None) -> AvrTurn:
-    """Validate a `/prompt-stream` body; `header_uuid` is avr-core >= 1.5.5's `X-UUID`."""
+    """Validate a `/prompt-stream` body; `header_uuid` is avr-core >= 1.5.5's `X-UUID`.
+
+    Only `uuid` and `message` must be right; the history is used to count turns and an odd entry in
+    it never costs the caller an answer.
+    """
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise AvrRequestError("malformed_json") from None
     if not isinstance(data, dict):
         raise AvrRequestError("body_not_object")
-    try:
-        parsed = _TurnBody.model_validate(data)
-    except ValidationError as exc:
-        field = ".".join(str(part) for part in exc.errors()[0]["loc"][:1]) or "body"
-        raise AvrRequestError(f"invalid_{field}") from None
-    given = parsed.uuid if parsed.uuid is not None else header_uuid
-    if not given:
+    given = data.get("uuid") if data.get("uuid") is not None else header_uuid
+    if given is None or given == "":
         raise AvrRequestError("missing_uuid")
     uuid = canonical_uuid(given)
     if uuid is None:
         raise AvrRequestError("invalid_uuid")
-    if parsed.message is None:
+    message = data.get("message")
+    if message is None:
         raise AvrRequestError("missing_message", uuid)
-    body_caller = next(
-        (str(value) for value in (parsed.callerid, parsed.caller_number, parsed.from_) if value not in (None, "")),
-        None,
-    )
-    users = sum(1 for item in parsed.messages if item.role == "user")
-    return AvrTurn(uuid=uuid, message=parsed.message, turn=max(users, 1), body_caller=body_caller)
+    if not isinstance(message, str):
+        raise AvrRequestError("invalid_message", uuid)
+    if len(message) > MAX_MESSAGE_CHARS:
+        raise AvrRequestError("message_too_long", uuid)
+    return AvrTurn(uuid=uuid, message=message, turn=_turn_number(data.get("messages")), body_caller=_body_caller(data))
 
 
 def frame(sentence: str) -> bytes:

@@ -85,6 +85,9 @@ class RecentCalls:
         if len(self._calls) > self._size:
             self._calls.popitem(last=False)
 
+    def seen(self, uuid: str) -> bool:
+        return uuid in self._calls
+
     def latest(self) -> list[CallActivity]:
         return list(reversed(self._calls.values()))
 
@@ -121,7 +124,10 @@ class CallRegistry:
         """The record from the store, else from a late source (then kept in the store)."""
         data = await self.store.get(uuid)
         if data is not None:
-            return CallRecord.from_bytes(data)
+            try:
+                return CallRecord.from_bytes(data)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StoreError(f"unreadable record: {type(exc).__name__}") from exc
         for source in self._late_sources:
             found = await source(uuid)
             if found is not None:

@@ -43,6 +43,10 @@ def serve(args: argparse.Namespace) -> int:
         )
         return 2
     configure_logging(settings.log_numbers, settings.hash_key, settings.log_level)
+    problem = asyncio.run(_store_problem(settings))
+    if problem:
+        print(f"avr-llm-proxy: invalid setting STORE_URL ({settings.store_url!r}): {problem}", file=sys.stderr)
+        return 2
     options = {
         "host": settings.host, "port": settings.port, "access_log": False, "log_level": "warning",
         "http": "httptools", "loop": "uvloop" if sys.platform != "win32" else "asyncio",
@@ -98,9 +102,22 @@ def _reachable(url: str, timeout: float = 2.0) -> str | None:
         return str(exc)
 
 
-def check(args: argparse.Namespace) -> int:
+async def _store_problem(settings: Settings) -> str | None:
+    """Why the configured store cannot be used, or None."""
     from .stores import StoreError, open_store
 
+    try:
+        store = open_store(settings.store_url)
+        try:
+            await store.ping()
+        finally:
+            await store.close()
+    except StoreError as exc:
+        return str(exc)
+    return None
+
+
+def check(args: argparse.Namespace) -> int:
     settings = _settings()
     problems = 0
 
@@ -111,18 +128,7 @@ def check(args: argparse.Namespace) -> int:
 
     report(True, "settings", f"HTTP {settings.host}:{settings.port}, store {settings.store_url.split(':')[0]}")
 
-    async def store_check() -> str | None:
-        try:
-            store = open_store(settings.store_url)
-            try:
-                await store.ping()
-            finally:
-                await store.close()
-        except StoreError as exc:
-            return str(exc)
-        return None
-
-    problem = asyncio.run(store_check())
+    problem = asyncio.run(_store_problem(settings))
     report(problem is None, "store", problem or settings.store_url)
     if settings.api_url:
         parts = urlsplit(settings.api_url)

@@ -12,6 +12,8 @@ import phonenumbers
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .speech import sentences
+
 DEFAULT_FALLBACK = "Disculpe, en este momento no puedo responder. Por favor, intente de nuevo en unos minutos."
 
 
@@ -62,8 +64,15 @@ class Settings(BaseSettings):
     @field_validator("api_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if value and not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL, or empty for the built-in demo API")
+        if value and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname):
+            raise ValueError("must be an http:// or https:// URL with a host, or empty for the built-in demo API")
+        return value
+
+    @field_validator("fallback_message")
+    @classmethod
+    def _speakable(cls, value: str) -> str:
+        if not sentences(value):
+            raise ValueError("must contain words to speak (it is what the caller hears when the API fails)")
         return value
 
     @field_validator("store_url")
@@ -111,11 +120,14 @@ class Settings(BaseSettings):
         return self.store_url.removeprefix("sqlite:///") if self.store_url.startswith("sqlite:///") else None
 
 
-def _alias_of(field: str) -> str:
-    alias = Settings.model_fields[field].validation_alias
-    if isinstance(alias, AliasChoices):
-        return str(alias.choices[0])
-    return str(alias) if alias else field.upper()
+def _setting_name(loc: str) -> str:
+    """The environment name(s) of the setting an error location points at."""
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        choices = [str(choice) for choice in alias.choices] if isinstance(alias, AliasChoices) else [str(alias)]
+        if loc in (name, *choices):
+            return choices[0] + "".join(f" (or {other})" for other in choices[1:])
+    return loc
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -124,9 +136,8 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "?"
-        name = _alias_of(field) if field in Settings.model_fields else field
+        name = f"setting {_setting_name(str(first['loc'][0]))}" if first["loc"] else "settings"
         given = first.get("input")
         shown = "" if isinstance(given, dict) else f" (got {str(given)[:60]!r})"
         message = str(first["msg"]).removeprefix("Value error, ")
-        raise SettingsError(f"invalid setting {name}{shown}: {message}") from None
+        raise SettingsError(f"invalid {name}{shown}: {message}") from None

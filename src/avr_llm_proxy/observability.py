@@ -17,7 +17,8 @@ NUMBER_FIELDS = frozenset({"caller_number", "number", "callerid", "from_number",
 # Fields that never hold one (identifiers, figures): left as they are.
 SAFE_FIELDS = frozenset(
     {"uuid", "uniqueid", "linkedid", "event", "level", "timestamp", "latency_ms", "status", "turn",
-     "source", "reason", "presentation", "path", "port", "host", "store", "upstream", "elapsed_ms"}
+     "source", "reason", "presentation", "path", "port", "host", "store", "upstream", "elapsed_ms",
+     "client", "agi", "ami", "outcome", "sentences", "waited_ms", "retry_in_s", "count", "files", "valid"}
 )
 _PLACEHOLDERS = frozenset({"anonymous", "unknown", "", None})
 

@@ -51,6 +51,15 @@ def number_redactor(policy: NumberPolicy, key: bytes) -> Callable[[str], str]:
     return mask_number
 
 
+# Digit runs that are not phone numbers: IPv4 addresses and Asterisk uniqueids (`1770758888.32`).
+_NOT_A_NUMBER = re.compile(r"^(?:\d{1,3}(?:\.\d{1,3}){3}|\d{9,10}\.\d{1,6})$")
+
+
 def scrub_text(text: str, redact: Callable[[str], str]) -> str:
     """Redact every number-like run inside free text (messages, exceptions, dumps)."""
-    return NUMBER_PATTERN.sub(lambda m: redact(m.group(0)), text)
+
+    def replace(match: re.Match[str]) -> str:
+        found = match.group(0)
+        return found if _NOT_A_NUMBER.match(found) else redact(found)
+
+    return NUMBER_PATTERN.sub(replace, text)

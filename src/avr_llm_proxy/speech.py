@@ -13,14 +13,19 @@ import unicodedata
 # avr-core's sentence rule, verbatim (WIRE.md section 1).
 SENTENCE = re.compile(r"[^.!?]*[.!?]")
 _BRACKETED = re.compile(r"【[^】]*】")
-_LINK = re.compile(r"\[([^\]]*)\]\([^)]*\)")
+# Every pattern here runs in linear time: answers come from outside and can be long and hostile.
+_LINK = re.compile(r"\[([^\[\]]*)\]\([^()\s]*\)")
 _MARKUP = re.compile(r"[*#`~_|>]+")
 _BULLET = re.compile(r"^\s*(?:[-+•◦▪]\s+|(\d{1,3})[.)]\s+)")
 _THOUSANDS = re.compile(r"(?<=\d)\.(?=\d{3}(?!\d))")
 _DECIMAL = re.compile(r"(?<=\d)\.(?=\d)")
-_ELLIPSIS = re.compile(r"\s*(?:\.{2,}|…)+\s*")
+_ELLIPSIS = re.compile(r" ?(?:\.{2,}|…)+ ?")
 _REPEATED = re.compile(r"([.!?])[.!?]+")
-_SPACE_BEFORE_MARK = re.compile(r"\s+([.!?,;:])")
+_SPACE_BEFORE_MARK = re.compile(r" ([.!?,;:])")
+_END = re.compile(r"[.!?]")
+MAX_REPLY_CHARS = 10_000
+# Small chunks: a big one may reach avr-core in two socket reads, and half an object hangs up the call.
+MAX_SENTENCE_CHARS = 250
 _LINE_END = (".", "!", "?", ":", ";", ",")
 # Emoji, pictographs, private-use and other symbols avr-core would drop anyway; currency and math stay.
 _DROPPED_CATEGORIES = frozenset({"So", "Sk", "Cs", "Co", "Cn", "Cc", "Cf", "Me"})
@@ -35,6 +40,7 @@ def drop_symbols(text: str) -> str:
 
 
 def _unmark_line(line: str) -> str:
+    line = " ".join(line.split())
     line = _BULLET.sub(lambda m: f"{m.group(1)}, " if m.group(1) else "", line)
     return _MARKUP.sub("", _LINK.sub(r"\1", line)).strip()
 
@@ -53,7 +59,7 @@ def _ellipsis(match: re.Match[str]) -> str:
 
 def clean(text: str) -> str:
     """The reply as one line of speakable text, before it is cut into sentences."""
-    text = unicodedata.normalize("NFC", text)
+    text = unicodedata.normalize("NFC", text[:MAX_REPLY_CHARS])
     text = drop_symbols(_join_lines(_BRACKETED.sub("", text)))
     text = _THOUSANDS.sub("", text)
     text = _DECIMAL.sub(",", text)
@@ -66,11 +72,27 @@ def _speakable(sentence: str) -> bool:
     return any(ch.isalnum() for ch in sentence)
 
 
+def _split_long(sentence: str) -> list[str]:
+    """Cut a sentence over MAX_SENTENCE_CHARS at a comma, else a space; each piece ends in a full stop."""
+    pieces = []
+    while len(sentence) > MAX_SENTENCE_CHARS:
+        window = sentence[:MAX_SENTENCE_CHARS]
+        cut = max(window.rfind(", "), window.rfind("; "))
+        cut = cut + 1 if cut > MAX_SENTENCE_CHARS // 3 else window.rfind(" ")
+        cut = cut if cut > 0 else MAX_SENTENCE_CHARS
+        pieces.append(sentence[:cut].rstrip(",;: ") + ".")
+        sentence = sentence[cut:].lstrip()
+    return [*pieces, sentence]
+
+
 def sentences(text: str) -> list[str]:
     """Every sentence of `text`, each one avr-core match long and ending in `.`, `!` or `?`."""
     cleaned = clean(text)
-    found = [match.group(0).strip() for match in SENTENCE.finditer(cleaned)]
-    tail = cleaned[sum(len(m.group(0)) for m in SENTENCE.finditer(cleaned)):].strip()
+    found, start = [], 0
+    for end in _END.finditer(cleaned):
+        found.append(cleaned[start:end.end()].strip())
+        start = end.end()
+    tail = cleaned[start:].strip().rstrip(",;: ")
     if tail:
-        found.append(tail.rstrip(",;: ") + ".")
-    return [sentence for sentence in found if _speakable(sentence)]
+        found.append(tail + ".")
+    return [piece for sentence in found if _speakable(sentence) for piece in _split_long(sentence)]

@@ -18,7 +18,7 @@ from .identity import UNKNOWN_CALLER, NumberFormat, parse_caller
 from .observability import ACTIVE_TURNS, CALLER_WAIT, FALLBACKS, REJECTED, TURNS, UPSTREAM_LATENCY
 from .speech import sentences
 from .stores import StoreError
-from .upstream import Upstream, UpstreamFailure, build_payload
+from .upstream import Upstream, UpstreamFailure, UpstreamReply, build_payload
 
 log = structlog.get_logger("avr_llm_proxy.turns")
 
@@ -88,7 +88,8 @@ class Turns:
         if turn.body_caller is not None:
             caller = parse_caller(turn.body_caller, source="body", region=self.policy.region)
             return await self.registry.put(CallRecord(uuid=turn.uuid, caller=caller))
-        if self.policy.caller_wait_s <= 0:
+        if self.policy.caller_wait_s <= 0 or self.registry.recent.seen(turn.uuid):
+            # Waited on an earlier turn already: a capture that late would still be found above.
             return None
         record = await self.registry.wait(turn.uuid, self.policy.caller_wait_s)
         CALLER_WAIT.labels(result="found" if record else "timeout").inc()
@@ -105,6 +106,12 @@ class Turns:
             number_format=self.policy.number_format,
         )
         answer = await self.upstream.ask(payload)
+        frames: list[bytes] = []
+        if isinstance(answer, UpstreamReply):
+            frames = [frame(text) for text in sentences(answer.text)]
+            if not frames:
+                # Silence leaves the caller wondering whether anyone is there: say something.
+                answer = UpstreamFailure("empty_answer", answer.latency_ms, answer.status)
         if isinstance(answer, UpstreamFailure):
             UPSTREAM_LATENCY.labels(outcome="failure").observe(answer.latency_ms / 1000)
             FALLBACKS.labels(reason=answer.reason).inc()
@@ -115,8 +122,7 @@ class Turns:
             frames, status, outcome = self._fallback, f"fallback:{answer.reason}", "fallback"
         else:
             UPSTREAM_LATENCY.labels(outcome="ok").observe(answer.latency_ms / 1000)
-            frames = [frame(sentence) for sentence in sentences(answer.text)]
-            status, outcome = str(answer.status), "answered" if frames else "empty"
+            status, outcome = str(answer.status), "answered"
         TURNS.labels(outcome=outcome).inc()
         self.registry.recent.note_turn(turn.uuid, caller, status, answer.latency_ms)
         log.info(

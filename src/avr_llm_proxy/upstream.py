@@ -94,21 +94,30 @@ def _text_from_json(data: object) -> str | None:
     return None
 
 
-def parse_reply(content_type: str, body: bytes) -> str:
-    """The text to speak from an API answer, or raise ValueError with a reason code."""
-    text = body.decode("utf-8", errors="replace")
-    stripped = text.lstrip()
-    looks_json = "json" in content_type or stripped.startswith(("{", "[", '"'))
-    if looks_json:
+def parse_reply(content_type: str, body: bytes, charset: str | None = None) -> str:
+    """The text to speak from an API answer, or raise ValueError with a reason code.
+
+    A declared text or JSON Content-Type is trusted (`text/plain` may well start with `[` or `<`);
+    without one, or with a generic one, the body is sniffed.
+    """
+    try:
+        text = body.decode(charset or "utf-8", errors="replace")
+    except LookupError:
+        text = body.decode("utf-8", errors="replace")
+    declared = content_type.split(";", 1)[0].strip()
+    if not (declared.startswith("text/") or "json" in declared):
+        declared = ""  # missing or generic (application/octet-stream): look at the body
+    sniffed = text.lstrip()[:15].lower()
+    if "json" in declared or (not declared and sniffed[:1] in ("{", "[", '"')):
         try:
-            data = orjson.loads(body)
+            data = orjson.loads(text)
         except orjson.JSONDecodeError:
             raise ValueError("invalid_json") from None
         found = _text_from_json(data)
         if found is None:
             raise ValueError("no_message_in_json")
         return found
-    if "html" in content_type or stripped[:1] == "<":
+    if "html" in declared or (not declared and sniffed.startswith(("<!doctype", "<html"))):
         raise ValueError("html_answer")
     return text
 
@@ -151,10 +160,9 @@ class HttpUpstream:
             self._session = None
 
     async def ask(self, payload: dict[str, Any]) -> Answer:
-        if self._session is None:
-            await self.start()
-        assert self._session is not None
         started = time.perf_counter()
+        if self._session is None:
+            return UpstreamFailure("not_started", 0.0)
 
         def elapsed() -> float:
             return (time.perf_counter() - started) * 1000
@@ -165,15 +173,19 @@ class HttpUpstream:
                     self.url,
                     data=orjson.dumps(payload),
                     headers={"Content-Type": "application/json"},
-                    max_redirects=3,
+                    # A 301/302 would turn the POST into a bodiless GET: report it, fix API_URL.
+                    allow_redirects=False,
                 ) as response:
                     body = await _read_capped(response.content, MAX_REPLY_BYTES)
                     if body is None:
                         return UpstreamFailure("answer_too_large", elapsed(), response.status)
+                    if 300 <= response.status < 400:
+                        return UpstreamFailure("redirect", elapsed(), response.status,
+                                               detail="the API redirects: point API_URL at the final address")
                     if not 200 <= response.status < 300:
                         return UpstreamFailure("http_status", elapsed(), response.status)
                     try:
-                        text = parse_reply(response.headers.get("Content-Type", "").lower(), body)
+                        text = parse_reply(response.headers.get("Content-Type", "").lower(), body, response.charset)
                     except ValueError as exc:
                         return UpstreamFailure(str(exc), elapsed(), response.status)
                     return UpstreamReply(text, response.status, elapsed())
@@ -181,8 +193,6 @@ class HttpUpstream:
             return UpstreamFailure("timeout", elapsed())
         except aiohttp.ClientConnectorError as exc:
             return UpstreamFailure("unreachable", elapsed(), detail=type(exc.os_error).__name__)
-        except aiohttp.TooManyRedirects:
-            return UpstreamFailure("redirect_loop", elapsed())
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
             return UpstreamFailure("connection_lost", elapsed(), detail=type(exc).__name__)
         except aiohttp.ClientError as exc:

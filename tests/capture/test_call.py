@@ -69,3 +69,9 @@ def test_refusals_name_their_reason(content_type: str, body: bytes, reason: str,
     with pytest.raises(CaptureError) as caught:
         parse_call(content_type, body, "EC")
     assert (caught.value.reason, caught.value.status) == (reason, status)
+
+
+def test_avr_core_payload_cannot_replace_the_uuid() -> None:
+    """A `uuid` inside avr-core's free-form payload never overrides the call's own."""
+    body = orjson.dumps({"uuid": UUID, "payload": {"uuid": "cbb1cd1e-86d0-4af4-b938-ebd18537fffb", "from": "2000"}})
+    assert parse_call("application/json", body, "EC").uuid == UUID

@@ -62,3 +62,14 @@ async def test_hostile_file_content(tmp_path: Path) -> None:
     record = await LegacyCallerFiles(str(tmp_path), 3600, "EC").find(UUID)
     assert record is not None
     assert record.caller.raw is None or not set(record.caller.raw) & set("$()`")
+
+
+async def test_empty_file_is_not_a_caller_yet(tmp_path: Path) -> None:
+    """A file the dialplan has created but not yet filled is looked at again later, not taken as 'unknown'."""
+    path = tmp_path / f"callerid-{UUID}.txt"
+    path.write_text("")
+    files = LegacyCallerFiles(str(tmp_path), 3600, "EC")
+    assert await files.find(UUID) is None
+    path.write_text("0987654321\n")
+    record = await files.find(UUID)
+    assert record is not None and record.caller.e164 == "+593987654321"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -65,8 +66,8 @@ ANSWERS = {
     "emoji": ("😀 Hola 👋 Juan 🎉", ["Hola Juan."]),
     "no_final_punctuation": ("Gracias por llamar", ["Gracias por llamar."]),
     "markdown": ("**Su pedido:**\n- leche\n- pan", ["Su pedido:", "leche.", "pan."]),
-    "empty": ("", []),
-    "only_symbols": ("😀 ... !!", []),
+    "empty": ("", FALLBACK),
+    "only_symbols": ("😀 ... !!", FALLBACK),
 }
 
 
@@ -307,3 +308,78 @@ async def test_hostile_caller_ids_are_contained(tmp_path: Path, case: str) -> No
     sent = api.received[0]["caller_number"]
     assert len(sent) <= 32
     assert not set(sent) & set("$`;|&()<> \r\n")
+
+
+RAW_ANSWERS = {
+    "plain_text_with_bracket": ((200, {"Content-Type": "text/plain"}, b"[Aviso] Hola Juan."), ["[Aviso] Hola Juan."]),
+    "plain_text_with_angle": ((200, {"Content-Type": "text/plain"}, b"<3 Gracias."), ["<3 Gracias."]),
+    "plain_text_quoted": ((200, {"Content-Type": "text/plain"}, b'"Hola", dijo.'), ['"Hola", dijo.']),
+    "latin1": ((200, {"Content-Type": "text/plain; charset=iso-8859-1"}, "Mañana.".encode("latin-1")),
+               ["Mañana."]),
+    "no_content_type_json": ((200, {}, b'{"message": "Hola."}'), ["Hola."]),
+    "empty_message": ((200, {"Content-Type": "application/json"}, b'{"message": ""}'), FALLBACK),
+    "symbols_only": ((200, {"Content-Type": "text/plain"}, "😀 🎉".encode()), FALLBACK),
+    "redirect": ((302, {"Location": "http://127.0.0.1:1/elsewhere"}, b""), FALLBACK),
+    "json_without_message": ((200, {"Content-Type": "application/json"}, b'{"status": "ok"}'), FALLBACK),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RAW_ANSWERS))
+async def test_answer_kinds(tmp_path: Path, case: str) -> None:
+    """Declared content types are trusted, charsets honoured; silence and redirects become the fallback."""
+    answer, expected = RAW_ANSWERS[case]
+    async with running_api("raw") as api, running_proxy(make_settings(tmp_path, api_url=api.url)) as proxy:
+        api.answer = answer
+        body = orjson.dumps({"uuid": new_uuid(), "message": "hola", "messages": []})
+        status, _, heard, problems = await post_turn(proxy.url, body)
+    assert status == 200 and problems == [] and heard == expected
+
+
+async def test_uncaptured_call_waits_once(tmp_path: Path, logs) -> None:  # type: ignore[no-untyped-def]
+    """A call nobody captured waits on its first turn only; later turns go straight on."""
+    call = new_uuid()
+    async with running_api() as api:
+        async with running_proxy(make_settings(tmp_path, api_url=api.url, caller_wait_ms=300)) as proxy:
+            turns = await play_call(proxy.url, call, ["uno", "dos", "tres"])
+    assert [turn.sentences[0] for turn in turns] == ["Hola unknown."] * 3
+    assert sum('"caller_not_captured"' in line for line in logs()) == 1
+
+
+async def test_trailing_slash_and_x_uuid(tmp_path: Path) -> None:
+    """LLM_URL with a trailing slash still reaches the turn handler; X-UUID stands in for a missing uuid."""
+    call = new_uuid()
+    async with running_api() as api, running_proxy(make_settings(tmp_path, api_url=api.url)) as proxy:
+        await register_json(proxy.url, call, "0987654321")
+        reply = await http_request(f"{proxy.url}/prompt-stream/", b'{"message": "1", "messages": []}',
+                                   headers={"X-UUID": call})
+    assert reply.status == 200 and hear(reply, "").sentences[0] == "Hola +593987654321."
+
+
+async def test_unreadable_record_still_answers(tmp_path: Path) -> None:
+    """A corrupted stored record costs that turn its caller, never its answer."""
+    call = new_uuid()
+    settings = make_settings(tmp_path)
+    async with running_proxy(settings) as proxy:
+        await register_json(proxy.url, call, "0987654321")
+        with sqlite3.connect(settings.sqlite_path or "") as conn:
+            conn.execute("UPDATE calls SET value = ? WHERE key = ?", (b"\xff{not json", call))
+        turns = await play_call(proxy.url, call, ["hola"])
+    assert turns[0].status == 200 and turns[0].problems == [] and turns[0].sentences
+
+
+async def test_capture_racing_first_turn(tmp_path: Path) -> None:
+    """100 calls whose first turn is sent before the capture: each waits for and gets its own number."""
+    calls = {new_uuid(): f"+59398{index:07d}" for index in range(100)}
+    async with running_api() as api:
+        async with running_proxy(make_settings(tmp_path, api_url=api.url, caller_wait_ms=5000)) as proxy:
+
+            async def one(call: str, number: str) -> None:
+                body = orjson.dumps({"uuid": call, "message": "hola", "messages": []})
+                turn = asyncio.create_task(post_turn(proxy.url, body))
+                await asyncio.sleep(0.05)
+                await register_json(proxy.url, call, number)
+                status, _, heard, _ = await turn
+                assert status == 200 and heard[0] == f"Hola {number}."
+
+            await asyncio.gather(*(one(call, number) for call, number in calls.items()))
+    assert {payload["conversation_id"]: payload["caller_number"] for payload in api.received} == calls

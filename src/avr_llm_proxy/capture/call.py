@@ -77,7 +77,7 @@ def parse_call(content_type: str, body: bytes, region: str) -> CallRecord:
             raise CaptureError("body_not_object")
         if isinstance(data.get("payload"), dict):
             source = "avr-core"
-            data = {"uuid": data.get("uuid"), **data["payload"]}
+            data = {**data["payload"], "uuid": data.get("uuid")}
     elif "x-www-form-urlencoded" in content_type or not content_type:
         data = parse_form(body)
         source = "curl"

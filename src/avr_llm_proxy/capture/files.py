@@ -59,9 +59,10 @@ class LegacyCallerFiles:
         """The caller the dialplan wrote for this call, if a fresh file exists."""
         path = self.path_for(uuid)
         data = None if path is None else self._read(path)
-        if path is None or data is None:
+        if path is None or data is None or not data.strip():
+            # Empty: the dialplan may be half-way through writing it; look again on the next turn.
             return None
-        first_line = data.decode("utf-8", errors="replace").splitlines()[0] if data.strip() else ""
+        first_line = data.decode("utf-8", errors="replace").splitlines()[0]
         caller = parse_caller(first_line, source="file", region=self.region)
         log.info("caller_file_read", uuid=uuid, caller_number=caller.log_number, presentation=caller.presentation)
         return CallRecord(uuid=path.name[len(PREFIX):-len(SUFFIX)], caller=caller)
