@@ -46,6 +46,8 @@ def test_env_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         ("AGI_LISTEN", "nohost", "host:port"),
         ("CALLER_WAIT_MS", "-1", "CALLER_WAIT_MS"),
         ("LOG_NUMBERS", "hash", "HASH_KEY"),
+        ("BOT_PHONE_MAP", "5551000:593985059132", "DID=phone"),
+        ("BOT_PHONE_MAP", "5551000=$(id)", "DID=phone"),
     ],
 )
 def test_invalid_value_gives_one_clear_line(monkeypatch: pytest.MonkeyPatch, name: str, value: str, words: str) -> None:
@@ -66,3 +68,9 @@ def test_values_that_would_fail_silently_are_refused(monkeypatch: pytest.MonkeyP
     with pytest.raises(SettingsError) as caught:
         load_settings(_env_file=None)
     assert name in str(caught.value)
+
+
+def test_bot_phone_map_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DID=phone pairs become a map keyed by the DID's digits."""
+    monkeypatch.setenv("BOT_PHONE_MAP", " 5551000=593985059132, +5551001=593985059133 ,")
+    assert load_settings(_env_file=None).bot_phones == {"5551000": "593985059132", "5551001": "593985059133"}

@@ -85,3 +85,86 @@ def test_no_input_crashes_or_escapes(number: str, name: str, pres: object) -> No
     value = caller.caller_number("e164")
     assert value in ("anonymous", "unknown") or value == caller.e164 or value == caller.raw
     assert len(value) <= 32 and value.isprintable() and " " not in value
+
+
+# (spelling, region, caller_number as e164, as national, valid) — Ecuador first, then other regions.
+SPELLINGS = [
+    ("+593987654321", "EC", "+593987654321", "0987654321", True),
+    ("593987654321", "EC", "+593987654321", "0987654321", True),
+    ("0987654321", "EC", "+593987654321", "0987654321", True),
+    ("987654321", "EC", "+593987654321", "0987654321", True),
+    ("00593987654321", "EC", "+593987654321", "0987654321", True),
+    ("+593 98 765 4321", "EC", "+593987654321", "0987654321", True),
+    ("098-765-4321", "EC", "+593987654321", "0987654321", True),
+    ("098.765.4321", "EC", "+593987654321", "0987654321", True),
+    ("(098) 765 4321", "EC", "+593987654321", "0987654321", True),
+    ("  0987654321  ", "EC", "+593987654321", "0987654321", True),
+    ("(02) 234-5678", "EC", "+59322345678", "022345678", True),
+    ("022345678", "EC", "+59322345678", "022345678", True),
+    ("+59322345678", "EC", "+59322345678", "022345678", True),
+    ("tel:+593987654321", "EC", "+593987654321", "0987654321", True),
+    ("tel:+593-98-765-4321;ext=12", "EC", "+593987654321", "0987654321", True),
+    ("sip:+593987654321@pbx.example.com", "EC", "+593987654321", "0987654321", True),
+    ("sip:0987654321@10.0.0.1;user=phone", "EC", "+593987654321", "0987654321", True),
+    ("<sip:0987654321@pbx>", "EC", "+593987654321", "0987654321", True),
+    ("0987654321x123", "EC", "+593987654321", "0987654321", True),
+    ("٠٩٨٧٦٥٤٣٢١", "EC", "+593987654321", "0987654321", True),
+    ("０９８７６５４３２１", "EC", "+593987654321", "0987654321", True),
+    ("0987\u200b654321", "EC", "+593987654321", "0987654321", True),
+    ("😀0987654321", "EC", "+593987654321", "0987654321", True),
+    ("+593987654321;rm -rf /", "EC", "+593987654321", "0987654321", True),
+    ("+34612345678", "EC", "+34612345678", "612345678", True),
+    ("0034612345678", "EC", "+34612345678", "612345678", True),
+    ("612345678", "ES", "+34612345678", "612345678", True),
+    ("+34 612 34 56 78", "ES", "+34612345678", "612345678", True),
+    ("+14155550123", "EC", "+14155550123", "4155550123", True),
+    ("(415) 555-0123", "US", "+14155550123", "4155550123", True),
+    ("1-415-555-0123", "US", "+14155550123", "4155550123", True),
+    ("1-800-FLOWERS", "US", "+18003569377", "8003569377", True),
+    ("+44 20 7946 0958", "EC", "+442079460958", "02079460958", True),
+    ("020 7946 0958", "GB", "+442079460958", "02079460958", True),
+    ("+57 301 2345678", "EC", "+573012345678", "3012345678", True),
+    ("3012345678", "CO", "+573012345678", "3012345678", True),
+    ("101", "EC", "101", "101", False),
+    ("1234", "EC", "1234", "1234", False),
+    ("911", "EC", "911", "911", False),
+    ("*98", "EC", "*98", "*98", False),
+    ("ABC", "EC", "ABC", "ABC", False),
+    ("00", "EC", "00", "00", False),
+    ("0987654321000000000000000000000000000000", "EC", "09876543210000000000000000000000",
+     "09876543210000000000000000000000", False),
+    ("+", "EC", "unknown", "unknown", False),
+    ("", "EC", "unknown", "unknown", False),
+    ("<unknown>", "EC", "unknown", "unknown", False),
+    ("anonymous", "EC", "anonymous", "anonymous", False),
+    ("+266696687", "EC", "anonymous", "anonymous", False),
+    ("0000000000", "EC", "anonymous", "anonymous", False),
+]
+
+
+@pytest.mark.parametrize(("spelling", "region", "e164", "national", "valid"), SPELLINGS)
+def test_number_spellings(spelling: str, region: str, e164: str, national: str, valid: bool) -> None:
+    """International, national, trunk and 00 prefixes, separators, URIs, extensions, letters, other scripts."""
+    caller = parse_caller(spelling, source="http", region=region)
+    assert (caller.caller_number("e164"), caller.caller_number("national"), caller.valid) == (e164, national, valid)
+    if not valid and caller.presentation == "allowed":
+        assert caller.caller_number("raw") == caller.raw == e164
+
+
+def test_raw_format_keeps_the_given_spelling() -> None:
+    """NUMBER_FORMAT=raw forwards the sanitised number as captured."""
+    assert parse_caller("098-765-4321", source="http").caller_number("raw") == "0987654321"
+    assert parse_caller("+593 98 765 4321", source="http").caller_number("raw") == "+593987654321"
+
+
+@given(st.text(max_size=200), st.sampled_from(["e164", "national", "raw"]), st.sampled_from(["EC", "ES", "US", "GB"]))
+def test_caller_number_is_always_one_of_the_documented_values(text: str, fmt: str, region: str) -> None:
+    """Whatever the input, caller_number is E.164, the chosen format, a placeholder or the sanitised raw value."""
+    caller = parse_caller(text, source="http", region=region)
+    value = caller.caller_number(fmt)  # type: ignore[arg-type]
+    allowed = {"anonymous", "unknown", caller.e164, caller.national, caller.raw}
+    assert value in allowed and value.isprintable() and len(value) <= 32
+    if caller.presentation != "allowed":
+        assert caller.raw is None and caller.e164 is None
+    if caller.presentation == "withheld":
+        assert caller.name is None

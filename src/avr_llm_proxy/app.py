@@ -50,8 +50,9 @@ def create_app(settings: Settings) -> ASGIApp:
         registry,
         upstream,
         TurnPolicy(
-            bot_phone=settings.bot_phone, number_format=settings.number_format, region=settings.default_region,
-            caller_wait_s=settings.caller_wait_ms / 1000, fallback_message=settings.fallback_message,
+            bot_phone=settings.bot_phone, bot_phones=settings.bot_phones, number_format=settings.number_format,
+            region=settings.default_region, caller_wait_s=settings.caller_wait_ms / 1000,
+            fallback_message=settings.fallback_message,
         ),
     )
     agi = FastAgiServer(registry, settings.agi_listen, settings.default_region) if settings.agi_listen else None

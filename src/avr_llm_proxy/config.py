@@ -5,6 +5,7 @@ This is the one module that reads the environment; everything else receives a `S
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -14,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .speech import sentences
 
+_DIALABLE = re.compile(r"^\+?[0-9]{2,20}$")
 DEFAULT_FALLBACK = "Disculpe, en este momento no puedo responder. Por favor, intente de nuevo en unos minutos."
 
 
@@ -41,6 +43,9 @@ class Settings(BaseSettings):
         max_length=64,
         description="the bot's own number, sent as `phone`",
     )
+    bot_phone_map: str = Field(
+        "", validation_alias="BOT_PHONE_MAP", description="DID=phone pairs: which bot number answers which DID"
+    )
     store_url: str = Field(
         "sqlite:///avr-llm-proxy.db",
         validation_alias="STORE_URL",
@@ -66,6 +71,15 @@ class Settings(BaseSettings):
     def _http_url(cls, value: str) -> str:
         if value and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname):
             raise ValueError("must be an http:// or https:// URL with a host, or empty for the built-in demo API")
+        return value
+
+    @field_validator("bot_phone_map")
+    @classmethod
+    def _phone_map(cls, value: str) -> str:
+        for pair in filter(None, (part.strip() for part in value.split(","))):
+            did, sep, phone = pair.partition("=")
+            if not sep or not _DIALABLE.match(did.strip()) or not _DIALABLE.match(phone.strip()):
+                raise ValueError("must be comma-separated DID=phone pairs of digits, e.g. 5551000=593985059132")
         return value
 
     @field_validator("fallback_message")
@@ -113,6 +127,12 @@ class Settings(BaseSettings):
             if parts.scheme != "ami" or not parts.hostname or not parts.username or parts.password is None:
                 raise ValueError("must look like ami://user:secret@host:5038, or be empty to disable")
         return value
+
+    @property
+    def bot_phones(self) -> dict[str, str]:
+        """BOT_PHONE_MAP as DID digits -> bot phone."""
+        pairs = (part.partition("=") for part in self.bot_phone_map.split(",") if part.strip())
+        return {did.strip().lstrip("+"): phone.strip() for did, _, phone in pairs}
 
     @property
     def sqlite_path(self) -> str | None:

@@ -116,9 +116,14 @@ def _clean(value: object, limit: int) -> str:
     return " ".join(text.split())[:limit]
 
 
+def _ascii_digits(text: str) -> str:
+    """Digits of any script (Arabic-Indic, full-width, …) as ASCII digits."""
+    return "".join(str(unicodedata.digit(ch)) if ch.isdigit() and not ch.isascii() else ch for ch in text)
+
+
 def sanitize_raw(value: object) -> str:
     """The number as given, reduced to dialable characters: no spaces, no shell metacharacters."""
-    text = _clean(value, 256)
+    text = _ascii_digits(_clean(value, 256))
     text = _URI_PREFIX.sub("", text).split("@", 1)[0].split(";", 1)[0]
     return _RAW_KEEP.sub("", text)[:MAX_RAW_LENGTH]
 
@@ -128,7 +133,7 @@ def _spelling_presentation(text: str) -> Presentation | None:
     if lowered in _UNAVAILABLE_SPELLINGS:
         return "unavailable"
     digits = lowered.lstrip("+")
-    if lowered in _WITHHELD_SPELLINGS or (digits.isdigit() and set(digits) == {"0"}):
+    if lowered in _WITHHELD_SPELLINGS or (len(digits) >= 6 and set(digits) == {"0"}):
         return "withheld"
     return None
 
@@ -160,7 +165,7 @@ def parse_caller(
     if declared == "withheld" or spelled == "withheld":
         return CallerId(presentation="withheld", source=source)
     raw = sanitize_raw(text)
-    if declared == "unavailable" or spelled == "unavailable" or not raw:
+    if declared == "unavailable" or spelled == "unavailable" or not raw.strip("+*#"):
         return CallerId(presentation="unavailable", source=source, name=clean_name(name, None))
     caller_name = clean_name(name, raw)
     candidate = "+" + raw[2:] if raw.startswith("00") else raw
@@ -170,6 +175,7 @@ def parse_caller(
         return CallerId(presentation="allowed", source=source, raw=raw, name=caller_name)
     if not phonenumbers.is_valid_number(parsed):
         return CallerId(presentation="allowed", source=source, raw=raw, name=caller_name)
+    parsed.extension = None  # "0987654321x123": the extension is not part of the number forms
     national = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.NATIONAL)
     return CallerId(
         presentation="allowed",

@@ -7,7 +7,7 @@ turn always ends as a 200 stream of text frames, the fallback message when nothi
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -28,10 +28,16 @@ class TurnPolicy:
     """The settings a turn needs, taken once from `Settings`."""
 
     bot_phone: str
+    bot_phones: Mapping[str, str]
     number_format: NumberFormat
     region: str
     caller_wait_s: float
     fallback_message: str
+
+    def phone_for(self, record: CallRecord | None) -> str:
+        """The bot number for the DID the caller dialled (BOT_PHONE_MAP), else BOT_PHONE."""
+        called = record.called_number.lstrip("+") if record and record.called_number else ""
+        return self.bot_phones.get(called, self.bot_phone)
 
 
 class Turns:
@@ -102,7 +108,7 @@ class Turns:
         record = await self._record(turn)
         caller = record.caller if record else UNKNOWN_CALLER
         payload = build_payload(
-            bot_phone=self.policy.bot_phone, text=turn.message, uuid=turn.uuid, record=record,
+            bot_phone=self.policy.phone_for(record), text=turn.message, uuid=turn.uuid, record=record,
             number_format=self.policy.number_format,
         )
         answer = await self.upstream.ask(payload)

@@ -198,7 +198,9 @@ async def test_500_concurrent_sessions(tmp_path: Path) -> None:
     """500 sessions at once with distinct callers: every UUID maps to its own caller."""
     port = closed_port()
     async with running_api() as api:
-        settings = make_settings(tmp_path, api_url=api.url, agi_listen=f"127.0.0.1:{port}", caller_wait_ms=0)
+        # Load tests get a generous deadline: a shared 2-core machine may be slow, never wrong.
+        settings = make_settings(tmp_path, api_url=api.url, agi_listen=f"127.0.0.1:{port}", caller_wait_ms=0,
+                                 api_timeout_ms=60_000)
         async with running_proxy(settings) as proxy:
             numbers = [f"+59398{index:07d}" for index in range(500)]
 

@@ -202,7 +202,8 @@ async def test_200_concurrent_calls_never_mix_callers(tmp_path: Path) -> None:
     """200 calls at once, three turns each: every turn carries its own call's number."""
     calls = {new_uuid(): f"+59398{index:07d}" for index in range(200)}
     async with running_api() as api:
-        async with running_proxy(make_settings(tmp_path, api_url=api.url, caller_wait_ms=2000)) as proxy:
+        settings = make_settings(tmp_path, api_url=api.url, api_timeout_ms=60_000, caller_wait_ms=2000)
+        async with running_proxy(settings) as proxy:
 
             async def one_call(call: str, number: str) -> None:
                 await register_json(proxy.url, call, number)
@@ -371,7 +372,8 @@ async def test_capture_racing_first_turn(tmp_path: Path) -> None:
     """100 calls whose first turn is sent before the capture: each waits for and gets its own number."""
     calls = {new_uuid(): f"+59398{index:07d}" for index in range(100)}
     async with running_api() as api:
-        async with running_proxy(make_settings(tmp_path, api_url=api.url, caller_wait_ms=5000)) as proxy:
+        settings = make_settings(tmp_path, api_url=api.url, api_timeout_ms=60_000, caller_wait_ms=5000)
+        async with running_proxy(settings) as proxy:
 
             async def one(call: str, number: str) -> None:
                 body = orjson.dumps({"uuid": call, "message": "hola", "messages": []})
@@ -383,3 +385,19 @@ async def test_capture_racing_first_turn(tmp_path: Path) -> None:
 
             await asyncio.gather(*(one(call, number) for call, number in calls.items()))
     assert {payload["conversation_id"]: payload["caller_number"] for payload in api.received} == calls
+
+
+async def test_bot_phone_follows_the_dialled_number(tmp_path: Path) -> None:
+    """BOT_PHONE_MAP picks `phone` by the DID the caller dialled; other DIDs get BOT_PHONE."""
+    first, second, other = new_uuid(), new_uuid(), new_uuid()
+    async with running_api() as api:
+        settings = make_settings(tmp_path, api_url=api.url, bot_phone="593985059132",
+                                 bot_phone_map="5551000=593985059133,+5551001=593985059134")
+        async with running_proxy(settings) as proxy:
+            for call, did in ((first, "5551000"), (second, "5551001"), (other, "5559999")):
+                payload = {"uuid": call, "caller_number": "0987654321", "called_number": did}
+                assert (await http_request(f"{proxy.url}/call", orjson.dumps(payload))).status == 200
+                await play_call(proxy.url, call, ["hola"])
+    phones = {payload["conversation_id"]: (payload["phone"], payload["called_number"]) for payload in api.received}
+    assert phones == {first: ("593985059133", "5551000"), second: ("593985059134", "5551001"),
+                      other: ("593985059132", "5559999")}

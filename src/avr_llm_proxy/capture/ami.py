@@ -209,7 +209,7 @@ class CallTracker:
         called = inbound.exten if inbound.exten.lstrip("+").isdigit() else ""
         capture = AmiCapture(channel.uuid, leg.name, number, name, leg.presentation, called, leg.uniqueid)
         key = (capture.number, capture.name, capture.presentation, capture.called)
-        if not capture.number or channel.emitted == key:
+        if channel.emitted == key:
             return []
         channel.emitted = key
         return [capture]
@@ -218,6 +218,14 @@ class CallTracker:
         channel = self._channels.pop(name, None)
         if channel is not None and self._inbound.get(channel.linkedid) == name:
             del self._inbound[channel.linkedid]
+
+
+def record_from_capture(capture: AmiCapture, num_pres: str, region: str) -> CallRecord:
+    """The call record for a capture; `num_pres` is the Getvar answer (empty when none came)."""
+    caller = parse_caller(capture.number, capture.name, strictest(capture.presentation, num_pres),
+                          source="ami", region=region)
+    return CallRecord(uuid=capture.uuid, caller=caller, called_number=capture.called or None,
+                      channel=capture.channel[:128], uniqueid=capture.uniqueid[:64] or None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,10 +348,8 @@ class AmiListener:
                 log.info("ami_presentation_unknown", uuid=capture.uuid, channel=capture.channel)
             finally:
                 self._pending.pop(action_id, None)
-        caller = parse_caller(capture.number, capture.name, strictest(capture.presentation, num_pres),
-                              source="ami", region=self.region)
-        record = CallRecord(uuid=capture.uuid, caller=caller, called_number=capture.called or None,
-                            channel=capture.channel[:128], uniqueid=capture.uniqueid[:64] or None)
+        record = record_from_capture(capture, num_pres, self.region)
+        caller = record.caller
         try:
             await self.registry.put(record)
         except StoreError as exc:
