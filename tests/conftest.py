@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,10 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "agi_listen": "",
     }
     values.update(overrides)
+    # One process runs the tests' client, the proxy and the fake API: under load its event loop lags,
+    # so only the total deadline applies unless a test sets the others.
+    values.setdefault("api_first_byte_timeout_ms", values["api_timeout_ms"])
+    values.setdefault("api_connect_timeout_ms", values["api_timeout_ms"])
     (tmp_path / "callerid").mkdir(exist_ok=True)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
@@ -134,9 +138,15 @@ class FakeApi:
     url: str = ""
     answer: Any = None
 
+    custom: Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]] | None = None
+    headers: list[dict[str, str]] = field(default_factory=list)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         payload = await request.json()
         self.received.append(payload)
+        self.headers.append(dict(request.headers))
+        if self.custom is not None:
+            return await self.custom(request, payload)
         if self.mode == "hang":
             await asyncio.sleep(3600)
         if self.mode == "500":
@@ -164,6 +174,7 @@ async def running_api(mode: str = "echo") -> AsyncIterator[FakeApi]:
     api = FakeApi(mode=mode)
     app = web.Application()
     app.router.add_post("/api/bot/client/call/message/566895", api.handle)
+    app.router.add_post("/v1/chat/completions", api.handle)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     sock = _listening_socket()

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .breaker import CircuitBreaker
 from .calls import CallRegistry
 from .capture.agi import FastAgiServer
 from .capture.ami import AmiListener
@@ -22,10 +23,11 @@ from .capture.files import LegacyCallerFiles
 from .capture.routes import capture_router
 from .config import Settings
 from .demo_api import DemoApi
+from .openai_chat import ChatUpstream
 from .privacy import number_redactor
 from .stores import open_store
 from .turns import TurnPolicy, Turns
-from .upstream import HttpUpstream, Upstream
+from .upstream import Deadlines, HttpUpstream, Upstream
 
 log = structlog.get_logger("avr_llm_proxy.app")
 
@@ -39,20 +41,38 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
+def choose_upstream(settings: Settings) -> Upstream:
+    """UPSTREAM=openai, else the business API at API_URL, else the built-in demo."""
+    deadlines = Deadlines(
+        connect=settings.api_connect_timeout_ms / 1000,
+        first_byte=min(settings.api_first_byte_timeout_ms, settings.api_timeout_ms) / 1000,
+        total=settings.api_timeout_ms / 1000,
+    )
+    if settings.upstream == "openai":
+        breaker = CircuitBreaker("openai", settings.breaker_failures, settings.breaker_cooldown_ms / 1000)
+        return ChatUpstream(settings.openai_base_url, settings.openai_api_key, settings.openai_model,
+                            settings.system_prompt, deadlines, breaker)
+    if settings.api_url:
+        breaker = CircuitBreaker("api", settings.breaker_failures, settings.breaker_cooldown_ms / 1000)
+        return HttpUpstream(settings.api_url, deadlines, breaker)
+    return DemoApi()
+
+
 def create_app(settings: Settings) -> ASGIApp:
     """The HTTP service for one process, built from `settings` and nothing else."""
     store = open_store(settings.store_url)
     files = LegacyCallerFiles(settings.callerid_dir, settings.caller_ttl_seconds, settings.default_region) \
         if settings.callerid_dir else None
     registry = CallRegistry(store, settings.caller_ttl_seconds, [files.find] if files else [])
-    upstream: Upstream = HttpUpstream(settings.api_url, settings.api_timeout_ms) if settings.api_url else DemoApi()
+    upstream = choose_upstream(settings)
     turns = Turns(
         registry,
         upstream,
         TurnPolicy(
             bot_phone=settings.bot_phone, bot_phones=settings.bot_phones, number_format=settings.number_format,
             region=settings.default_region, caller_wait_s=settings.caller_wait_ms / 1000,
-            fallback_message=settings.fallback_message,
+            fallback_message=settings.fallback_message, filler_after_s=settings.filler_after_ms / 1000,
+            filler_message=settings.filler_message, keep_stale_turns=settings.keep_stale_turns,
         ),
     )
     agi = FastAgiServer(registry, settings.agi_listen, settings.default_region) if settings.agi_listen else None
@@ -109,7 +129,7 @@ def create_app(settings: Settings) -> ASGIApp:
     @app.get("/readyz", summary="The store answers; AMI state as detail (turns work without it)")
     async def readyz() -> Response:
         problem = await registry.ready()
-        detail = {"store": problem or "ok", "upstream": upstream.name,
+        detail = {"store": problem or "ok", "upstream": upstream.name, "circuit": upstream.breaker.describe(),
                   "ami": "off" if ami is None else "connected" if ami.connected else "disconnected"}
         if problem:
             return JSONResponse({"status": "not_ready", **detail}, status_code=503)
@@ -142,7 +162,8 @@ def create_app(settings: Settings) -> ASGIApp:
                 "last_latency_ms": round(activity.last_latency_ms, 1),
                 "last_turn_at": activity.last_turn_at,
             })
-        return JSONResponse({"calls": calls})
+        return JSONResponse({"upstream": {"name": upstream.name, "circuit": upstream.breaker.describe()},
+                             "calls": calls})
 
     return PromptStreamRoute(app, turns, settings.max_body_bytes)
 
@@ -207,18 +228,11 @@ async def _each(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
 
 
 async def _stream(frames: AsyncIterator[bytes], send: Send) -> None:
-    """One frame per HTTP chunk. The headers wait for the first frame and the last frame leaves with the
-    end of the body, so a one-sentence answer reaches avr-core in back-to-back writes."""
-    held: bytes | None = None
+    """One frame per HTTP chunk, each sent the moment it exists (a streamed answer is heard early)."""
+    await send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS})
     async for chunk in frames:
-        if held is None:
-            await send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS})
-        else:
-            await send({"type": "http.response.body", "body": held, "more_body": True})
-        held = chunk
-    if held is None:
-        await send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS})
-    await send({"type": "http.response.body", "body": held or b"", "more_body": False})
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def app_from_env() -> ASGIApp:

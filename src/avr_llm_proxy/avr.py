@@ -15,6 +15,8 @@ import orjson
 from .speech import SENTENCE, drop_symbols
 
 MAX_MESSAGE_CHARS = 20_000
+MAX_HISTORY_ITEMS = 80
+MAX_HISTORY_CHARS = 4000
 UUID_PATTERN = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -43,6 +45,7 @@ class AvrTurn:
     message: str
     turn: int
     body_caller: str | None = None
+    history: tuple[tuple[str, str], ...] = ()
 
 
 def _body_caller(data: dict[str, object]) -> str | None:
@@ -59,6 +62,18 @@ def _turn_number(messages: object) -> int:
     if not isinstance(messages, list):
         return 1
     return max(1, sum(1 for item in messages if isinstance(item, dict) and item.get("role") == "user"))
+
+
+def _history(messages: object) -> tuple[tuple[str, str], ...]:
+    """The conversation so far as (role, text) pairs: user and assistant entries with text, the last ones."""
+    if not isinstance(messages, list):
+        return ()
+    pairs = [
+        (item["role"], item["content"][:MAX_HISTORY_CHARS])
+        for item in messages[-MAX_HISTORY_ITEMS:]
+        if isinstance(item, dict) and item.get("role") in ("user", "assistant") and isinstance(item.get("content"), str)
+    ]
+    return tuple(pairs)
 
 
 def parse_turn(body: bytes, header_uuid: str | None = None) -> AvrTurn:
@@ -86,7 +101,9 @@ def parse_turn(body: bytes, header_uuid: str | None = None) -> AvrTurn:
         raise AvrRequestError("invalid_message", uuid)
     if len(message) > MAX_MESSAGE_CHARS:
         raise AvrRequestError("message_too_long", uuid)
-    return AvrTurn(uuid=uuid, message=message, turn=_turn_number(data.get("messages")), body_caller=_body_caller(data))
+    messages = data.get("messages")
+    return AvrTurn(uuid=uuid, message=message, turn=_turn_number(messages), body_caller=_body_caller(data),
+                   history=_history(messages))
 
 
 def frame(sentence: str) -> bytes:

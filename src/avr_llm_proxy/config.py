@@ -59,6 +59,23 @@ class Settings(BaseSettings):
     ami_url: str = Field("", validation_alias="AMI_URL")
     callerid_dir: str = Field("/tmp", validation_alias="CALLERID_DIR")
     api_timeout_ms: int = Field(8000, ge=100, le=120_000, validation_alias="API_TIMEOUT_MS")
+    api_connect_timeout_ms: int = Field(1000, ge=50, le=60_000, validation_alias="API_CONNECT_TIMEOUT_MS")
+    api_first_byte_timeout_ms: int = Field(6000, ge=50, le=120_000, validation_alias="API_FIRST_BYTE_TIMEOUT_MS")
+    breaker_failures: int = Field(5, ge=1, le=1000, validation_alias="BREAKER_FAILURES")
+    breaker_cooldown_ms: int = Field(10_000, ge=100, le=600_000, validation_alias="BREAKER_COOLDOWN_MS")
+    keep_stale_turns: bool = Field(False, validation_alias="KEEP_STALE_TURNS")
+    filler_after_ms: int = Field(0, ge=0, le=60_000, validation_alias="FILLER_AFTER_MS")
+    filler_message: str = Field("Un momento, por favor.", min_length=1, max_length=200,
+                                validation_alias="FILLER_MESSAGE")
+    upstream: Literal["api", "openai"] = Field("api", validation_alias="UPSTREAM")
+    openai_base_url: str = Field("https://api.openai.com/v1", validation_alias="OPENAI_BASE_URL")
+    openai_api_key: str = Field("", validation_alias="OPENAI_API_KEY")
+    openai_model: str = Field("gpt-4o-mini", min_length=1, max_length=200, validation_alias="OPENAI_MODEL")
+    system_prompt: str = Field(
+        "You are a friendly phone assistant. The caller's number is {caller_number} and their name is "
+        "{caller_name}. Answer briefly, in the caller's language, in plain sentences without markdown.",
+        min_length=1, max_length=20_000, validation_alias="SYSTEM_PROMPT",
+    )
     fallback_message: str = Field(DEFAULT_FALLBACK, min_length=1, max_length=500, validation_alias="FALLBACK_MESSAGE")
     log_numbers: Literal["masked", "hash", "full"] = Field("masked", validation_alias="LOG_NUMBERS")
     hash_key: str = Field("", validation_alias="HASH_KEY")
@@ -66,7 +83,7 @@ class Settings(BaseSettings):
     debug_token: str = Field("", validation_alias="DEBUG_TOKEN")
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576, validation_alias="MAX_BODY_BYTES")
 
-    @field_validator("api_url")
+    @field_validator("api_url", "openai_base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
         if value and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname):
@@ -82,11 +99,11 @@ class Settings(BaseSettings):
                 raise ValueError("must be comma-separated DID=phone pairs of digits, e.g. 5551000=593985059132")
         return value
 
-    @field_validator("fallback_message")
+    @field_validator("fallback_message", "filler_message")
     @classmethod
     def _speakable(cls, value: str) -> str:
         if not sentences(value):
-            raise ValueError("must contain words to speak (it is what the caller hears when the API fails)")
+            raise ValueError("must contain words to speak (the caller hears it)")
         return value
 
     @field_validator("store_url")

@@ -8,11 +8,12 @@ callers sensibly, so a fresh install already shows caller-aware answers.
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from typing import Any
 
-from .upstream import Answer, UpstreamReply
+from .breaker import CircuitBreaker
+from .upstream import AnswerInfo, UpstreamRequest, build_payload
 
 DEMO_CUSTOMERS = (
     ("+593987654321", "Juan Perez", "1043", "en camino y llega mañana"),
@@ -28,6 +29,7 @@ class DemoApi:
     name = "demo"
 
     def __init__(self) -> None:
+        self.breaker = CircuitBreaker(self.name)
         self._db = sqlite3.connect(":memory:", check_same_thread=False)
         self._db.execute("CREATE TABLE customers (e164 TEXT PRIMARY KEY, name TEXT, order_id TEXT, status TEXT)")
         self._db.executemany("INSERT INTO customers VALUES (?, ?, ?, ?)", DEMO_CUSTOMERS)
@@ -39,10 +41,9 @@ class DemoApi:
     async def close(self) -> None:
         self._db.close()
 
-    async def ask(self, payload: dict[str, Any]) -> Answer:
-        started = time.perf_counter()
-        text = self.answer(payload)
-        return UpstreamReply(text, 200, (time.perf_counter() - started) * 1000)
+    async def answer(self, request: UpstreamRequest, info: AnswerInfo) -> AsyncIterator[str]:
+        info.status = 200
+        yield self.reply(build_payload(request))
 
     def _first_turn(self, conversation_id: str) -> bool:
         if conversation_id in self._greeted:
@@ -52,7 +53,7 @@ class DemoApi:
             self._greeted.popitem(last=False)
         return True
 
-    def answer(self, payload: dict[str, Any]) -> str:
+    def reply(self, payload: dict[str, Any]) -> str:
         """What the demo business says to one turn."""
         caller = payload.get("caller") or {}
         number = caller.get("e164") or payload.get("caller_number") or "unknown"

@@ -37,6 +37,13 @@ CALLER_WAIT = Counter("avr_llm_proxy_caller_waits", "Turns that had to wait for 
 AGI_SESSIONS = Counter("avr_llm_proxy_agi_sessions", "FastAGI sessions, by outcome", ["outcome"])
 AMI_EVENTS = Counter("avr_llm_proxy_ami_events", "AMI events read")
 AMI_CONNECTED = Gauge("avr_llm_proxy_ami_connected", "1 while logged in to the Asterisk manager")
+UPSTREAM_RETRIES = Counter("avr_llm_proxy_upstream_retries", "Requests to the API sent again, by cause", ["reason"])
+BREAKER_STATE = Gauge("avr_llm_proxy_circuit_state", "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open",
+                      ["upstream"])
+FIRST_SENTENCE = Histogram(
+    "avr_llm_proxy_first_sentence_seconds", "Time from a turn's arrival to its first sentence leaving",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
+)
 ACTIVE_TURNS = Gauge("avr_llm_proxy_active_turns", "Turns in progress")
 
 

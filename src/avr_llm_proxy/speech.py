@@ -96,3 +96,42 @@ def sentences(text: str) -> list[str]:
     if tail:
         found.append(tail + ".")
     return [piece for sentence in found if _speakable(sentence) for piece in _split_long(sentence)]
+
+
+class SentenceStream:
+    """Sentences out of an answer that arrives in pieces, each one as soon as it is complete.
+
+    A `.`, `!` or `?` ends a sentence only once the next character is known to be a space (so `3.`
+    followed by `5` stays a decimal); a line break ends one too. The same shaping as `sentences`.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = ""
+        self._taken = 0
+
+    def feed(self, piece: str) -> list[str]:
+        room = MAX_REPLY_CHARS - self._taken - len(self._buffer)
+        self._buffer += piece[:max(room, 0)]
+        cut = _last_boundary(self._buffer)
+        if cut < 0 and len(self._buffer) > 2 * MAX_SENTENCE_CHARS:
+            cut = self._buffer.rfind(" ", 0, len(self._buffer) - 1)
+        if cut < 0:
+            return []
+        ready, self._buffer = self._buffer[:cut + 1], self._buffer[cut + 1:]
+        self._taken += len(ready)
+        return sentences(ready)
+
+    def end(self) -> list[str]:
+        """The rest, whatever its punctuation: the answer is complete."""
+        rest, self._buffer = self._buffer, ""
+        return sentences(rest)
+
+
+_BOUNDARY = re.compile(r"(?<!\.)[.!?](?=\s)|\n")
+
+
+def _last_boundary(text: str) -> int:
+    last = -1
+    for match in _BOUNDARY.finditer(text):
+        last = match.start()
+    return last

@@ -1,67 +1,90 @@
-"""The business API client: the seed's payload out, reply text (or a typed failure) back.
+"""The business API client: the seed's payload out, the answer's text back, piece by piece.
 
-One pooled aiohttp session for the process; every request has a deadline; nothing raises into a turn.
+One pooled aiohttp session for the process. Every request has three deadlines (connect, first
+byte, total), a retry only where it cannot do harm (a refused or reset connection, before any answer;
+a 429/503 whose Retry-After fits in the deadline), and an `Idempotency-Key` of `<uuid>:<turn>` so a
+retried turn is not processed twice. Failures are `UpstreamError`s with a reason code.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
 import orjson
 
+from .answers import AnswerDecoder, AnswerError
+from .breaker import CircuitBreaker
 from .calls import CallRecord
 from .identity import UNKNOWN_CALLER, CallerId, NumberFormat
+from .observability import UPSTREAM_RETRIES
 
-MAX_REPLY_BYTES = 256 * 1024
-_REPLY_KEYS = ("message", "text", "content", "response", "answer", "reply")
+MAX_WHOLE_ANSWER_BYTES = 256 * 1024
+MAX_STREAM_BYTES = 1024 * 1024
+
+
+class UpstreamError(Exception):
+    """Why the API gave us nothing (more) to speak; `reason` is a short code for logs and metrics."""
+
+    def __init__(self, reason: str, status: int | None = None, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
-class UpstreamReply:
+class UpstreamRequest:
+    """Everything an upstream may use to answer one turn."""
+
+    uuid: str
+    turn: int
     text: str
-    status: int
-    latency_ms: float
+    record: CallRecord | None
+    phone: str
+    number_format: NumberFormat
+    history: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def caller(self) -> CallerId:
+        return self.record.caller if self.record else UNKNOWN_CALLER
 
 
-@dataclass(frozen=True, slots=True)
-class UpstreamFailure:
-    """Why the API gave us nothing to speak; `reason` is a short code for logs and metrics."""
+@dataclass(slots=True)
+class AnswerInfo:
+    """What a turn learns about its answer besides the text: the HTTP status, for the log line."""
 
-    reason: str
-    latency_ms: float
     status: int | None = None
-    detail: str = ""
-
-
-Answer = UpstreamReply | UpstreamFailure
 
 
 class Upstream(Protocol):
-    """Whatever answers a turn: the business API over HTTP, or the built-in demo."""
+    """Whatever answers a turn: the business API, an OpenAI-compatible server, or the built-in demo."""
 
     name: str
+    breaker: CircuitBreaker
 
     async def start(self) -> None: ...
 
-    async def ask(self, payload: dict[str, Any]) -> Answer: ...
+    def answer(self, request: UpstreamRequest, info: AnswerInfo) -> AsyncIterator[str]:
+        """The answer's text in pieces (concatenate them); raises UpstreamError."""
+        ...
 
     async def close(self) -> None: ...
 
 
-def build_payload(
-    *, bot_phone: str, text: str, uuid: str, record: CallRecord | None, number_format: NumberFormat
-) -> dict[str, Any]:
+def build_payload(request: UpstreamRequest) -> dict[str, Any]:
     """The seed's four keys, then the additive ones; a withheld caller carries no number anywhere."""
-    caller: CallerId = record.caller if record else UNKNOWN_CALLER
+    caller = request.caller
     return {
-        "phone": bot_phone,
-        "text": text,
-        "caller_number": caller.caller_number(number_format),
-        "conversation_id": uuid,
+        "phone": request.phone,
+        "text": request.text,
+        "caller_number": caller.caller_number(request.number_format),
+        "conversation_id": request.uuid,
         "caller_name": caller.name,
         "caller": {
             "e164": caller.e164,
@@ -73,84 +96,55 @@ def build_payload(
             "region": caller.region,
             "source": caller.source,
         },
-        "called_number": record.called_number if record else None,
+        "called_number": request.record.called_number if request.record else None,
     }
 
 
-def _text_from_json(data: object) -> str | None:
-    if isinstance(data, str):
-        return data
-    if not isinstance(data, dict):
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    """Seconds: to connect, to the response's first byte (its headers), and for the whole answer."""
+
+    connect: float
+    first_byte: float
+    total: float
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or None."""
+    if not value:
         return None
-    for key in _REPLY_KEYS:
-        value = data.get(key)
-        if isinstance(value, str):
-            return value
-    choices = data.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        message = choices[0].get("message")
-        if isinstance(message, dict) and isinstance(message.get("content"), str):
-            return str(message["content"])
-    return None
-
-
-def parse_reply(content_type: str, body: bytes, charset: str | None = None) -> str:
-    """The text to speak from an API answer, or raise ValueError with a reason code.
-
-    A declared text or JSON Content-Type is trusted (`text/plain` may well start with `[` or `<`);
-    without one, or with a generic one, the body is sniffed.
-    """
+    if value.strip().isdigit():
+        return float(value.strip())
     try:
-        text = body.decode(charset or "utf-8", errors="replace")
-    except LookupError:
-        text = body.decode("utf-8", errors="replace")
-    declared = content_type.split(";", 1)[0].strip()
-    if not (declared.startswith("text/") or "json" in declared):
-        declared = ""  # missing or generic (application/octet-stream): look at the body
-    sniffed = text.lstrip()[:15].lower()
-    if "json" in declared or (not declared and sniffed[:1] in ("{", "[", '"')):
-        try:
-            data = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            raise ValueError("invalid_json") from None
-        found = _text_from_json(data)
-        if found is None:
-            raise ValueError("no_message_in_json")
-        return found
-    if "html" in declared or (not declared and sniffed.startswith(("<!doctype", "<html"))):
-        raise ValueError("html_answer")
-    return text
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
-async def _read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
-    """The whole body, or None as soon as it passes `limit` (the rest is never read)."""
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in stream.iter_any():
-        size += len(chunk)
-        if size > limit:
-            return None
-        parts.append(chunk)
-    return b"".join(parts)
+def _refused_or_reset(exc: BaseException) -> bool:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return isinstance(exc.os_error, ConnectionRefusedError)
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return True
+    return isinstance(exc, aiohttp.ClientOSError) and isinstance(exc.__cause__ or exc, ConnectionResetError)
 
 
-class HttpUpstream:
-    """POST each turn to `API_URL` under a total deadline of `API_TIMEOUT_MS`."""
+class HttpClient:
+    """POST a JSON body and stream back the answer's text, under the deadlines, with the safe retries."""
 
-    name = "http"
-
-    def __init__(self, url: str, timeout_ms: int) -> None:
-        self.url = url
-        self.timeout = timeout_ms / 1000
+    def __init__(self, deadlines: Deadlines, headers: dict[str, str] | None = None) -> None:
+        self.deadlines = deadlines
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=512, keepalive_timeout=30, ttl_dns_cache=60)
         self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None),
+            connector=aiohttp.TCPConnector(limit=512, keepalive_timeout=30, ttl_dns_cache=60),
+            # sock_connect only: aiohttp's `connect` would also count the wait for a pooled connection.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.deadlines.connect),
             cookie_jar=aiohttp.DummyCookieJar(),
-            headers={"User-Agent": "avr-llm-proxy", "Accept": "application/json, text/plain;q=0.9"},
+            headers={"User-Agent": "avr-llm-proxy", "Accept": "application/json, text/event-stream, text/plain"},
             skip_auto_headers=("Accept-Encoding",),
         )
 
@@ -159,41 +153,113 @@ class HttpUpstream:
             await self._session.close()
             self._session = None
 
-    async def ask(self, payload: dict[str, Any]) -> Answer:
-        started = time.perf_counter()
+    async def _response(
+        self, url: str, body: bytes, headers: dict[str, str], deadline: float
+    ) -> aiohttp.ClientResponse:
+        """The response (status 2xx), after at most one connection retry and one Retry-After wait."""
         if self._session is None:
-            return UpstreamFailure("not_started", 0.0)
+            raise UpstreamError("not_started")
+        loop = asyncio.get_running_loop()
+        reconnected = waited = False
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise UpstreamError("timeout")
+            try:
+                response = await asyncio.wait_for(
+                    self._session.post(url, data=body, headers=headers, allow_redirects=False),
+                    min(self.deadlines.first_byte, remaining),
+                )
+            except aiohttp.ConnectionTimeoutError:
+                raise UpstreamError("connect_timeout") from None
+            except TimeoutError:
+                raise UpstreamError("timeout" if remaining <= self.deadlines.first_byte else "first_byte_timeout") \
+                    from None
+            except aiohttp.ClientError as exc:
+                if _refused_or_reset(exc) and not reconnected:
+                    reconnected = True
+                    UPSTREAM_RETRIES.labels(reason="connection").inc()
+                    continue
+                raise _client_error(exc) from None
+            if response.status in (429, 503):
+                wait = retry_after(response.headers.get("Retry-After"))
+                response.release()
+                if wait is not None and not waited and wait < deadline - loop.time() - 0.05:
+                    waited = True
+                    UPSTREAM_RETRIES.labels(reason=f"http_{response.status}").inc()
+                    await asyncio.sleep(wait)
+                    continue
+                raise UpstreamError("rate_limited" if response.status == 429 else "unavailable", response.status)
+            if 300 <= response.status < 400:
+                response.release()
+                raise UpstreamError("redirect", response.status, "the API redirects: use the final address")
+            if not 200 <= response.status < 300:
+                response.release()
+                raise UpstreamError("http_status", response.status)
+            return response
 
-        def elapsed() -> float:
-            return (time.perf_counter() - started) * 1000
-
+    async def stream(self, url: str, body: bytes, info: AnswerInfo, headers: dict[str, str] | None = None,
+                     ) -> AsyncIterator[str]:
+        """The answer's text pieces; a whole (non-streamed) answer comes as one piece at the end."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.deadlines.total
+        response = await self._response(url, body, {**self.headers, **(headers or {})}, deadline)
+        info.status = response.status
         try:
-            async with asyncio.timeout(self.timeout):
-                async with self._session.post(
-                    self.url,
-                    data=orjson.dumps(payload),
-                    headers={"Content-Type": "application/json"},
-                    # A 301/302 would turn the POST into a bodiless GET: report it, fix API_URL.
-                    allow_redirects=False,
-                ) as response:
-                    body = await _read_capped(response.content, MAX_REPLY_BYTES)
-                    if body is None:
-                        return UpstreamFailure("answer_too_large", elapsed(), response.status)
-                    if 300 <= response.status < 400:
-                        return UpstreamFailure("redirect", elapsed(), response.status,
-                                               detail="the API redirects: point API_URL at the final address")
-                    if not 200 <= response.status < 300:
-                        return UpstreamFailure("http_status", elapsed(), response.status)
-                    try:
-                        text = parse_reply(response.headers.get("Content-Type", "").lower(), body, response.charset)
-                    except ValueError as exc:
-                        return UpstreamFailure(str(exc), elapsed(), response.status)
-                    return UpstreamReply(text, response.status, elapsed())
-        except TimeoutError:
-            return UpstreamFailure("timeout", elapsed())
-        except aiohttp.ClientConnectorError as exc:
-            return UpstreamFailure("unreachable", elapsed(), detail=type(exc.os_error).__name__)
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
-            return UpstreamFailure("connection_lost", elapsed(), detail=type(exc).__name__)
-        except aiohttp.ClientError as exc:
-            return UpstreamFailure("client_error", elapsed(), detail=type(exc).__name__)
+            decoder = AnswerDecoder(response.headers.get("Content-Type", ""), response.charset)
+            limit = MAX_STREAM_BYTES if decoder.streaming else MAX_WHOLE_ANSWER_BYTES
+            size = 0
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise UpstreamError("timeout", response.status)
+                try:
+                    chunk = await asyncio.wait_for(response.content.readany(), remaining)
+                except TimeoutError:
+                    raise UpstreamError("timeout", response.status) from None
+                except aiohttp.ClientError as exc:
+                    raise _client_error(exc, response.status) from None
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    raise UpstreamError("answer_too_large", response.status)
+                for piece in decoder.feed(chunk):
+                    yield piece
+            for piece in decoder.end():
+                yield piece
+        except AnswerError as exc:
+            raise UpstreamError(str(exc), response.status) from None
+        finally:
+            response.close()
+
+
+def _client_error(exc: aiohttp.ClientError, status: int | None = None) -> UpstreamError:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamError("unreachable", status, type(exc.os_error).__name__)
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError)):
+        return UpstreamError("connection_lost", status, type(exc).__name__)
+    return UpstreamError("client_error", status, type(exc).__name__)
+
+
+class HttpUpstream:
+    """The business API of the seed's contract at `API_URL`."""
+
+    name = "api"
+
+    def __init__(self, url: str, deadlines: Deadlines, breaker: CircuitBreaker) -> None:
+        self.url = url
+        self.client = HttpClient(deadlines)
+        self.breaker = breaker
+
+    async def start(self) -> None:
+        await self.client.start()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def answer(self, request: UpstreamRequest, info: AnswerInfo) -> AsyncIterator[str]:
+        body = orjson.dumps(build_payload(request))
+        headers = {"Idempotency-Key": f"{request.uuid}:{request.turn}"}
+        async for piece in self.client.stream(self.url, body, info, headers):
+            yield piece

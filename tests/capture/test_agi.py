@@ -211,6 +211,7 @@ async def test_500_concurrent_sessions(tmp_path: Path) -> None:
 
             pairs = await asyncio.gather(*(one(number) for number in numbers))
             assert len({call for _, call in pairs}) == 500
-            await asyncio.gather(*(play_call(proxy.url, call, ["hola"]) for _, call in pairs))
+            heard = await asyncio.gather(*(play_call(proxy.url, call, ["hola"]) for _, call in pairs))
+            assert [turns[0].sentences[0] for turns in heard] == [f"Hola {number}." for number, _ in pairs]
     by_call = {payload["conversation_id"]: payload["caller_number"] for payload in api.received}
     assert all(by_call[call] == number for number, call in pairs)

@@ -1,0 +1,141 @@
+"""Reading what a business API (or an LLM server) answers: whole, or streamed piece by piece.
+
+Sans-I/O: `AnswerDecoder` is fed body bytes and returns the text pieces they complete. The shapes
+are ARCHITECTURE.md's: `{"message": …}` (also `text`, `content`, `response`, `answer`, `reply`,
+OpenAI-style `choices[0].message.content` or `choices[0].delta.content`), plain text, NDJSON lines,
+SSE `data:` fields (comments, keep-alives and `[DONE]` ignored), or a chunked `text/plain` body.
+"""
+
+from __future__ import annotations
+
+import codecs
+
+import orjson
+
+_REPLY_KEYS = ("message", "text", "content", "response", "answer", "reply")
+MAX_LINE_BYTES = 64 * 1024
+
+
+class AnswerError(ValueError):
+    """An answer we cannot read; the message is the reason code for logs and metrics."""
+
+
+def text_from_json(data: object) -> str | None:
+    """The text in one JSON answer or stream event, or None when it holds none."""
+    if isinstance(data, str):
+        return data
+    if not isinstance(data, dict):
+        return None
+    for key in _REPLY_KEYS:
+        value = data.get(key)
+        if isinstance(value, str):
+            return value
+    choices = data.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        for key in ("delta", "message"):
+            part = choices[0].get(key)
+            if isinstance(part, dict) and isinstance(part.get("content"), str):
+                return str(part["content"])
+        if isinstance(choices[0].get("text"), str):
+            return str(choices[0]["text"])
+    return None
+
+
+def _kind(content_type: str) -> str:
+    declared = content_type.split(";", 1)[0].strip().lower()
+    if declared == "text/event-stream":
+        return "sse"
+    if declared in ("application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"):
+        return "ndjson"
+    if "json" in declared:
+        return "json"
+    if "html" in declared:
+        return "html"
+    if declared.startswith("text/"):
+        return "text"
+    return "sniff"  # missing or generic (application/octet-stream): look at the whole body
+
+
+class AnswerDecoder:
+    """Bytes of one answer in, text pieces out; `streaming` says whether pieces come before the end."""
+
+    def __init__(self, content_type: str, charset: str | None = None) -> None:
+        self.kind = _kind(content_type)
+        try:
+            self._text = codecs.getincrementaldecoder(charset or "utf-8")(errors="replace")
+        except LookupError:
+            self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._whole: list[str] = []
+        self._line = ""
+        self._event: list[str] = []
+
+    @property
+    def streaming(self) -> bool:
+        return self.kind in ("sse", "ndjson", "text")
+
+    def feed(self, data: bytes) -> list[str]:
+        text = self._text.decode(data)
+        if self.kind == "text":
+            return [text] if text else []
+        if not self.streaming:
+            self._whole.append(text)
+            return []
+        self._line += text
+        if len(self._line) > MAX_LINE_BYTES and "\n" not in self._line:
+            raise AnswerError("stream_line_too_long")
+        *lines, self._line = self._line.split("\n")
+        return [piece for line in lines for piece in self._on_line(line.rstrip("\r"))]
+
+    def end(self) -> list[str]:
+        """What the end of the body completes; raises AnswerError for an unreadable whole answer."""
+        text = self._text.decode(b"", final=True)
+        if self.kind == "text":
+            return [text] if text else []
+        if self.streaming:
+            self._line += text
+            pieces = self._on_line(self._line) if self._line else []
+            return pieces + self._dispatch() if self.kind == "sse" else pieces
+        return [self._whole_answer("".join(self._whole) + text)]
+
+    def _whole_answer(self, text: str) -> str:
+        sniffed = text.lstrip()[:15].lower()
+        if self.kind == "json" or (self.kind == "sniff" and sniffed[:1] in ("{", "[", '"')):
+            try:
+                found = text_from_json(orjson.loads(text))
+            except orjson.JSONDecodeError:
+                raise AnswerError("invalid_json") from None
+            if found is None:
+                raise AnswerError("no_message_in_json")
+            return found
+        if self.kind == "html" or sniffed.startswith(("<!doctype", "<html")):
+            raise AnswerError("html_answer")
+        return text
+
+    def _on_line(self, line: str) -> list[str]:
+        if self.kind == "ndjson":
+            return self._piece(line) if line.strip() else []
+        if not line:
+            return self._dispatch()
+        if line.startswith(":"):
+            return []  # SSE comment or keep-alive
+        field, _, value = line.partition(":")
+        if field == "data":
+            self._event.append(value[1:] if value.startswith(" ") else value)
+        return []
+
+    def _dispatch(self) -> list[str]:
+        data, self._event = "\n".join(self._event), []
+        return self._piece(data) if data else []
+
+    @staticmethod
+    def _piece(data: str) -> list[str]:
+        if data.strip() == "[DONE]":
+            return []
+        stripped = data.lstrip()
+        if stripped[:1] in ("{", "[", '"'):
+            try:
+                found = text_from_json(orjson.loads(stripped))
+            except orjson.JSONDecodeError:
+                return [data]
+            return [found] if found else []
+        return [data]

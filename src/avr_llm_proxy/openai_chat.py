@@ -1,0 +1,73 @@
+"""`UPSTREAM=openai`: an OpenAI-compatible chat-completions server as the turn's backend, caller-aware.
+
+avr-core's own history (`messages`) becomes the conversation; `SYSTEM_PROMPT` becomes its system
+message, a template that may use {caller_number}, {caller_name}, {called_number} and {presentation},
+so a plain LLM deployment greets the caller it knows. The answer streams (SSE) and each sentence is
+spoken as soon as it is complete.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import AsyncIterator, Mapping
+
+import orjson
+
+from .breaker import CircuitBreaker
+from .upstream import AnswerInfo, Deadlines, HttpClient, UpstreamRequest
+
+MAX_HISTORY = 40
+TEMPLATE_FIELDS = ("caller_number", "caller_name", "called_number", "presentation")
+
+
+class _Fields(dict[str, str]):
+    """Template values; an unknown {placeholder} is left as written instead of failing every turn."""
+
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def render_prompt(template: str, values: Mapping[str, str]) -> str:
+    """SYSTEM_PROMPT with the caller's values filled in; never raises on a malformed template."""
+    try:
+        return string.Formatter().vformat(template, (), _Fields(values))
+    except (ValueError, IndexError, AttributeError):
+        return template
+
+
+class ChatUpstream:
+    """POST /chat/completions with stream=true to `OPENAI_BASE_URL`."""
+
+    name = "openai"
+
+    def __init__(self, base_url: str, api_key: str, model: str, system_prompt: str, deadlines: Deadlines,
+                 breaker: CircuitBreaker) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.system_prompt = system_prompt
+        self.client = HttpClient(deadlines, {"Authorization": f"Bearer {api_key}"} if api_key else None)
+        self.breaker = breaker
+
+    async def start(self) -> None:
+        await self.client.start()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    def messages(self, request: UpstreamRequest) -> list[dict[str, str]]:
+        caller = request.caller
+        values = {
+            "caller_number": caller.caller_number(request.number_format),
+            "caller_name": caller.name or "",
+            "called_number": request.record.called_number or "" if request.record else "",
+            "presentation": caller.presentation,
+        }
+        history = [{"role": role, "content": content} for role, content in request.history[-MAX_HISTORY:]]
+        if not history or history[-1] != {"role": "user", "content": request.text}:
+            history.append({"role": "user", "content": request.text})
+        return [{"role": "system", "content": render_prompt(self.system_prompt, values)}, *history]
+
+    async def answer(self, request: UpstreamRequest, info: AnswerInfo) -> AsyncIterator[str]:
+        body = orjson.dumps({"model": self.model, "messages": self.messages(request), "stream": True})
+        async for piece in self.client.stream(self.url, body, info):
+            yield piece
