@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import ipaddress
 from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 from typing import Any
 
 import structlog
 from fastapi import FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .access import LOOPBACK, bearer, client_in, token_matches
 from .breaker import CircuitBreaker
 from .calls import CallRegistry
 from .capture.agi import FastAgiServer
@@ -24,7 +25,7 @@ from .capture.routes import capture_router
 from .config import Settings
 from .demo_api import DemoApi
 from .openai_chat import ChatUpstream
-from .privacy import number_redactor
+from .privacy import Keys, number_redactor, resolve_keys
 from .stores import open_store
 from .turns import TurnPolicy, Turns
 from .upstream import Deadlines, HttpUpstream, Upstream
@@ -32,13 +33,6 @@ from .upstream import Deadlines, HttpUpstream, Upstream
 log = structlog.get_logger("avr_llm_proxy.app")
 
 MAINTENANCE_INTERVAL_S = 60.0
-
-
-def _is_loopback(host: str | None) -> bool:
-    try:
-        return host is not None and ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def choose_upstream(settings: Settings) -> Upstream:
@@ -54,16 +48,24 @@ def choose_upstream(settings: Settings) -> Upstream:
                             settings.system_prompt, deadlines, breaker)
     if settings.api_url:
         breaker = CircuitBreaker("api", settings.breaker_failures, settings.breaker_cooldown_ms / 1000)
-        return HttpUpstream(settings.api_url, deadlines, breaker)
+        return HttpUpstream(settings.api_url, deadlines, breaker, settings.api_token, settings.api_signing_secret)
     return DemoApi()
 
 
-def create_app(settings: Settings) -> ASGIApp:
-    """The HTTP service for one process, built from `settings` and nothing else."""
+def keys_for(settings: Settings) -> Keys:
+    """The sealer and hash key: ENCRYPTION_KEY, else a key file beside the SQLite database."""
+    key_dir = Path(settings.sqlite_path).resolve().parent if settings.sqlite_path else None
+    return resolve_keys(settings.encryption_key, settings.hash_key, key_dir)
+
+
+def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
+    """The HTTP service for one process, built from `settings` (and its keys) and nothing else."""
+    keys = keys or keys_for(settings)
     store = open_store(settings.store_url)
-    files = LegacyCallerFiles(settings.callerid_dir, settings.caller_ttl_seconds, settings.default_region) \
-        if settings.callerid_dir else None
-    registry = CallRegistry(store, settings.caller_ttl_seconds, [files.find] if files else [])
+    files = LegacyCallerFiles(settings.callerid_dir, settings.caller_ttl_seconds, settings.default_region,
+                              settings.file_owners) if settings.callerid_dir else None
+    registry = CallRegistry(store, settings.caller_ttl_seconds, [files.find] if files else [], keys.sealer,
+                            keys.hash_key)
     upstream = choose_upstream(settings)
     turns = Turns(
         registry,
@@ -77,7 +79,7 @@ def create_app(settings: Settings) -> ASGIApp:
     )
     agi = FastAgiServer(registry, settings.agi_listen, settings.default_region) if settings.agi_listen else None
     ami = AmiListener(registry, settings.ami_url, settings.default_region) if settings.ami_url else None
-    redact = number_redactor(settings.log_numbers, settings.hash_key.encode())
+    redact = number_redactor(settings.log_numbers, keys.hash_key)
 
     async def maintain() -> None:
         """Expiry and file sweeping run here, never on a turn's path."""
@@ -120,7 +122,7 @@ def create_app(settings: Settings) -> ASGIApp:
             await store.close()
 
     app = FastAPI(title="avr-llm-proxy", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.include_router(capture_router(registry, settings.default_region))
+    app.include_router(capture_router(registry, settings.default_region, settings.networks, settings.capture_token))
 
     @app.get("/healthz", summary="The process is up")
     async def healthz() -> dict[str, str]:
@@ -142,11 +144,10 @@ def create_app(settings: Settings) -> ASGIApp:
     @app.get("/debug", summary="Recent calls of this process, numbers masked")
     async def debug(request: Request) -> Response:
         if settings.debug_token:
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), settings.debug_token.encode()):
+            if not token_matches(bearer(request.headers.get("authorization")), settings.debug_token):
                 log.warning("debug_refused", reason="bad_token")
                 return JSONResponse({"error": "a valid DEBUG_TOKEN bearer token is required"}, status_code=401)
-        elif not _is_loopback(request.client.host if request.client else None):
+        elif not client_in(request.client.host if request.client else None, LOOPBACK):
             log.warning("debug_refused", reason="not_loopback")
             return JSONResponse({"error": "set DEBUG_TOKEN to use /debug from another host"}, status_code=403)
         calls: list[dict[str, Any]] = []
@@ -165,7 +166,35 @@ def create_app(settings: Settings) -> ASGIApp:
         return JSONResponse({"upstream": {"name": upstream.name, "circuit": upstream.breaker.describe()},
                              "calls": calls})
 
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return PromptStreamRoute(app, turns, settings.max_body_bytes)
+
+
+_TURN_SCHEMA = {
+    "type": "object",
+    "required": ["uuid", "message"],
+    "properties": {
+        "uuid": {"type": "string", "format": "uuid"},
+        "message": {"type": "string"},
+        "messages": {"type": "array", "items": {"type": "object", "properties": {
+            "role": {"type": "string"}, "content": {"type": "string"}}}},
+        "callerid": {"type": "string"}, "caller_number": {"type": "string"}, "from": {"type": "string"},
+    },
+}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document plus /prompt-stream, which is served in front of the framework."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schema["paths"]["/prompt-stream"] = {"post": {
+            "summary": "avr-core's LLM_URL: one turn, answered as one {type: text, content} object per HTTP chunk",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _TURN_SCHEMA}}},
+            "responses": {"200": {"description": "chunked text frames; a bad request is answered with the "
+                                                 "spoken fallback, never an HTTP error"}},
+        }}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 class _Disconnected(Exception):
@@ -241,5 +270,6 @@ def app_from_env() -> ASGIApp:
     from .observability import configure_logging
 
     settings = load_settings()
-    configure_logging(settings.log_numbers, settings.hash_key, settings.log_level)
-    return create_app(settings)
+    keys = keys_for(settings)
+    configure_logging(settings.log_numbers, keys.hash_key, settings.log_level)
+    return create_app(settings, keys)

@@ -18,6 +18,7 @@ import structlog
 
 from .identity import CallerId
 from .observability import CAPTURES
+from .privacy import Sealer, SealError, hash_number
 from .stores import Store, StoreError
 
 log = structlog.get_logger("avr_llm_proxy.calls")
@@ -95,26 +96,53 @@ class RecentCalls:
 class CallRegistry:
     """put / get / wait / touch / forget of call records; the only code that talks to a store."""
 
-    def __init__(self, store: Store, ttl_seconds: int, late_sources: Sequence[LateSource] = ()) -> None:
+    def __init__(
+        self,
+        store: Store,
+        ttl_seconds: int,
+        late_sources: Sequence[LateSource] = (),
+        sealer: Sealer | None = None,
+        hash_key: bytes = b"",
+    ) -> None:
         self.store = store
         self.ttl_seconds = ttl_seconds
+        # Durable stores hold records sealed (AES-GCM), and a keyed hash of the number for erasure.
+        self.sealer = sealer if store.durable else None
+        self.hash_key = hash_key
         self.recent = RecentCalls()
         self._late_sources = tuple(late_sources)
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
     async def put(self, record: CallRecord) -> CallRecord:
-        """Record a caller (or replace it) and wake every turn of this process waiting for it."""
+        """Record (or replace) a caller and wake every turn of this process waiting for it."""
         stored = await self._save(record)
+        assert stored is not None, "a replacing put always stores"
         CAPTURES.labels(source=stored.caller.source).inc()
         return stored
 
-    async def _save(self, record: CallRecord) -> CallRecord:
+    async def add(self, record: CallRecord) -> CallRecord | None:
+        """Record a caller unless the call already has a live record (then None)."""
+        stored = await self._save(record, replace=False)
+        if stored is not None:
+            CAPTURES.labels(source=stored.caller.source).inc()
+        return stored
+
+    def number_tag(self, caller: CallerId) -> str | None:
+        """The keyed hash a record is found by when its number must be erased."""
+        number = caller.e164 or caller.raw
+        return hash_number(number, self.hash_key) if number and self.hash_key else None
+
+    async def _save(self, record: CallRecord, replace: bool = True) -> CallRecord | None:
         stored = CallRecord(
             uuid=record.uuid, caller=record.caller, called_number=record.called_number, channel=record.channel,
             uniqueid=record.uniqueid, captured_at=record.captured_at,
             expires_at=time.time() + self.ttl_seconds,
         )
-        await self.store.put(stored.uuid, stored.to_bytes(), stored.expires_at)
+        data = stored.to_bytes()
+        if self.sealer is not None:
+            data = self.sealer.seal(data)
+        if not await self.store.put(stored.uuid, data, stored.expires_at, self.number_tag(stored.caller), replace):
+            return None
         for waiter in self._waiters.pop(stored.uuid, ()):
             if not waiter.done():
                 waiter.set_result(None)
@@ -125,8 +153,8 @@ class CallRegistry:
         data = await self.store.get(uuid)
         if data is not None:
             try:
-                return CallRecord.from_bytes(data)
-            except (ValueError, KeyError, TypeError) as exc:
+                return CallRecord.from_bytes(self.sealer.open(data) if self.sealer else data)
+            except (ValueError, KeyError, TypeError, SealError) as exc:
                 raise StoreError(f"unreadable record: {type(exc).__name__}") from exc
         for source in self._late_sources:
             found = await source(uuid)
@@ -166,10 +194,15 @@ class CallRegistry:
         """Keep a long call's record alive: renew its expiry once half the TTL has passed."""
         if record.expires_at - time.time() > self.ttl_seconds / 2:
             return record
-        return await self._save(record)
+        return await self._save(record) or record
 
     async def forget(self, uuid: str) -> bool:
         return await self.store.delete(uuid)
+
+    async def forget_number(self, caller: CallerId) -> int:
+        """Erase every record of this caller's number; returns how many went."""
+        tag = self.number_tag(caller)
+        return await self.store.delete_tagged(tag) if tag else 0
 
     async def purge_expired(self) -> int:
         return await self.store.purge_expired(time.time())

@@ -1,4 +1,4 @@
-"""The `avr-llm-proxy` command: serve, simulate, check."""
+"""The `avr-llm-proxy` command: serve, simulate, check, forget."""
 
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ def _workers(value: str) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
+    import structlog
     import uvicorn
 
-    from .app import create_app
+    from .app import create_app, keys_for
     from .observability import configure_logging
 
     settings = _settings(host=args.host, port=args.port)
@@ -42,11 +43,22 @@ def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    configure_logging(settings.log_numbers, settings.hash_key, settings.log_level)
     problem = asyncio.run(_store_problem(settings))
     if problem:
         print(f"avr-llm-proxy: invalid setting STORE_URL ({settings.store_url!r}): {problem}", file=sys.stderr)
         return 2
+    try:
+        keys = keys_for(settings)
+    except OSError as exc:
+        print(f"avr-llm-proxy: cannot create the encryption key file (set ENCRYPTION_KEY): {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_numbers, keys.hash_key, settings.log_level)
+    log = structlog.get_logger("avr_llm_proxy.cli")
+    if keys.created:
+        log.warning("encryption_key_created", path=str(keys.created),
+                    hint="back it up; replicas sharing a store need the same ENCRYPTION_KEY")
+    if keys.note:
+        log.warning("hash_key_ephemeral", reason=keys.note)
     options = {
         "host": settings.host, "port": settings.port, "access_log": False, "log_level": "warning",
         "http": "httptools", "loop": "uvloop" if sys.platform != "win32" else "asyncio",
@@ -54,11 +66,12 @@ def serve(args: argparse.Namespace) -> int:
         "timeout_keep_alive": 75,
         # The proxy decides who is local (/debug) from the socket, never from X-Forwarded-For.
         "proxy_headers": False,
+        "log_config": None,  # uvicorn's own lines go through our chain (numbers redacted)
     }
     if args.workers > 1:
         uvicorn.run("avr_llm_proxy.app:app_from_env", factory=True, workers=args.workers, **options)  # type: ignore[arg-type]
     else:
-        uvicorn.run(create_app(settings), **options)  # type: ignore[arg-type]
+        uvicorn.run(create_app(settings, keys), **options)  # type: ignore[arg-type]
     return 0
 
 
@@ -142,6 +155,49 @@ def check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def forget(args: argparse.Namespace) -> int:
+    """Erase every record of one number: the store (by its keyed hash) and legacy caller files."""
+    from .app import keys_for
+    from .calls import CallRegistry
+    from .capture.files import LegacyCallerFiles
+    from .identity import parse_caller
+    from .privacy import mask_number
+    from .stores import StoreError, open_store
+
+    settings = _settings()
+    caller = parse_caller(args.number, source="forget", region=args.region or settings.default_region)
+    number = caller.e164 or caller.raw
+    if caller.presentation != "allowed" or not number:
+        print(f"avr-llm-proxy: {args.number!r} is not a phone number", file=sys.stderr)
+        return 2
+    if settings.store_url == "memory://":
+        print("avr-llm-proxy: the memory store lives inside the serving process; restarting it erases every "
+              "record", file=sys.stderr)
+        return 1
+
+    async def erase() -> int:
+        store = open_store(settings.store_url)
+        try:
+            keys = keys_for(settings)
+            return await CallRegistry(store, settings.caller_ttl_seconds, (), keys.sealer, keys.hash_key) \
+                .forget_number(caller)
+        finally:
+            await store.close()
+
+    try:
+        erased = asyncio.run(erase())
+    except StoreError as exc:
+        print(f"avr-llm-proxy: {exc}", file=sys.stderr)
+        return 1
+    files = 0
+    if settings.callerid_dir:
+        files = LegacyCallerFiles(settings.callerid_dir, settings.caller_ttl_seconds, settings.default_region,
+                                  settings.file_owners).erase_number(number)
+    print(f"erased {erased} record(s) and {files} caller file(s) of {mask_number(number)} "
+          f"from {settings.store_url.split(':')[0]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avr-llm-proxy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_check = sub.add_parser("check", help="validate settings and reachability")
     p_check.set_defaults(func=check)
+
+    p_forget = sub.add_parser("forget", help="erase every stored record of a phone number")
+    p_forget.add_argument("number", help="the number, in any spelling (read in DEFAULT_REGION)")
+    p_forget.add_argument("--region", help="read the number in this region instead of DEFAULT_REGION")
+    p_forget.set_defaults(func=forget)
     return parser
 
 

@@ -5,14 +5,17 @@ This is the one module that reads the environment; everything else receives a `S
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
 from typing import Literal
 from urllib.parse import urlsplit
 
 import phonenumbers
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .privacy import parse_keys
 from .speech import sentences
 
 _DIALABLE = re.compile(r"^\+?[0-9]{2,20}$")
@@ -78,9 +81,18 @@ class Settings(BaseSettings):
     )
     fallback_message: str = Field(DEFAULT_FALLBACK, min_length=1, max_length=500, validation_alias="FALLBACK_MESSAGE")
     log_numbers: Literal["masked", "hash", "full"] = Field("masked", validation_alias="LOG_NUMBERS")
-    hash_key: str = Field("", validation_alias="HASH_KEY")
+    hash_key: str = Field("", validation_alias="HASH_KEY", repr=False)
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", validation_alias="LOG_LEVEL")
     debug_token: str = Field("", validation_alias="DEBUG_TOKEN")
+    encryption_key: str = Field("", validation_alias="ENCRYPTION_KEY", repr=False)
+    trusted_networks: str = Field(
+        "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7", validation_alias="TRUSTED_NETWORKS"
+    )
+    capture_token: str = Field("", validation_alias="CAPTURE_TOKEN", repr=False)
+    api_token: str = Field("", validation_alias="API_TOKEN", repr=False)
+    api_signing_secret: str = Field("", validation_alias="API_SIGNING_SECRET", repr=False)
+    webhook_secret: str = Field("", validation_alias="WEBHOOK_SECRET", repr=False)
+    callerid_file_owners: str = Field("", validation_alias="CALLERID_FILE_OWNERS")
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576, validation_alias="MAX_BODY_BYTES")
 
     @field_validator("api_url", "openai_base_url")
@@ -130,11 +142,48 @@ class Settings(BaseSettings):
                 raise ValueError("must be host:port (e.g. 127.0.0.1:4573), or empty to disable")
         return value
 
-    @model_validator(mode="after")
-    def _hash_needs_key(self) -> Settings:
-        if self.log_numbers == "hash" and len(self.hash_key) < 16:
-            raise ValueError("HASH_KEY must be a secret of 16+ characters when LOG_NUMBERS=hash")
-        return self
+    @field_validator("hash_key")
+    @classmethod
+    def _hash_key(cls, value: str) -> str:
+        if value and len(value) < 16:
+            raise ValueError("must be a secret of 16 or more characters")
+        return value
+
+    @field_validator("encryption_key")
+    @classmethod
+    def _encryption_key(cls, value: str) -> str:
+        if value:
+            parse_keys(value)
+        return value
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for part in filter(None, (item.strip() for item in value.split(","))):
+            try:
+                ipaddress.ip_network(part, strict=False)
+            except ValueError:
+                raise ValueError(f"{part!r} is not a network; use CIDRs like 10.0.0.0/8") from None
+        return value
+
+    @field_validator("callerid_file_owners")
+    @classmethod
+    def _owners(cls, value: str) -> str:
+        for part in filter(None, (item.strip() for item in value.split(","))):
+            if not part.isdigit():
+                raise ValueError("must be comma-separated numeric user ids, e.g. 0,1000")
+        return value
+
+    @property
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(part.strip(), strict=False)
+                for part in self.trusted_networks.split(",") if part.strip()]
+
+    @property
+    def file_owners(self) -> frozenset[int]:
+        """Users whose legacy caller files are trusted: CALLERID_FILE_OWNERS, else root and this process."""
+        given = {int(part) for part in self.callerid_file_owners.split(",") if part.strip()}
+        return frozenset(given or {0, os.getuid()})
 
     @field_validator("ami_url")
     @classmethod

@@ -78,15 +78,25 @@ def logging_processors(policy: NumberPolicy, hash_key: bytes) -> list[Any]:
     ]
 
 
-def configure_logging(policy: NumberPolicy, hash_key: str, level: str = "info") -> None:
-    """Configure structlog once for the process; suppressed levels cost nothing."""
+def configure_logging(policy: NumberPolicy, hash_key: bytes, level: str = "info") -> None:
+    """Configure structlog once for the process; suppressed levels cost nothing.
+
+    Lines from other libraries (uvicorn, aiohttp, asyncio) go through the same chain, so an exception
+    they print is redacted too.
+    """
+    renderer = structlog.processors.LogfmtRenderer(
+        key_order=["timestamp", "level", "event", "uuid"], drop_missing=True, bool_as_flag=False
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *logging_processors(policy, hash_key)],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
     structlog.configure(
-        processors=[
-            *logging_processors(policy, hash_key.encode()),
-            structlog.processors.LogfmtRenderer(
-                key_order=["timestamp", "level", "event", "uuid"], drop_missing=True, bool_as_flag=False
-            ),
-        ],
+        processors=[*logging_processors(policy, hash_key), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,

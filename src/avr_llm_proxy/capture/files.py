@@ -6,6 +6,7 @@ whole call, and files older than the TTL are swept by a background task.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import time
@@ -26,10 +27,12 @@ PREFIX, SUFFIX = "callerid-", ".txt"
 class LegacyCallerFiles:
     """Reads the caller file of one call; only a canonical UUID may form a file name."""
 
-    def __init__(self, directory: str, ttl_seconds: int, region: str) -> None:
+    def __init__(self, directory: str, ttl_seconds: int, region: str, owners: frozenset[int] | None = None) -> None:
         self.directory = Path(directory)
         self.ttl_seconds = ttl_seconds
         self.region = region
+        # In a shared /tmp anyone can create a file: only these users' files are believed.
+        self.owners = owners if owners is not None else frozenset({0, os.getuid()})
 
     def path_for(self, uuid: str) -> Path | None:
         canonical = canonical_uuid(uuid)
@@ -49,6 +52,10 @@ class LegacyCallerFiles:
             if not stat.S_ISREG(info.st_mode):
                 log.warning("caller_file_refused", path=str(path), reason="not_a_regular_file")
                 return None
+            if info.st_uid not in self.owners:
+                log.warning("caller_file_refused", path=str(path), reason="unexpected_owner", owner=info.st_uid,
+                            hint="set CALLERID_FILE_OWNERS to the uid Asterisk writes as")
+                return None
             if time.time() - info.st_mtime > self.ttl_seconds:
                 return None
             return os.read(fd, MAX_FILE_BYTES)
@@ -67,18 +74,34 @@ class LegacyCallerFiles:
         log.info("caller_file_read", uuid=uuid, caller_number=caller.log_number, presentation=caller.presentation)
         return CallRecord(uuid=path.name[len(PREFIX):-len(SUFFIX)], caller=caller)
 
+    def erase_number(self, number: str) -> int:
+        """Delete every caller file that names `number` (E.164 or as written); returns how many."""
+        removed = self.sweep()  # stale files are not read below, and may name the number too
+        for entry in self._entries():
+            data = self._read(Path(entry.path))
+            if not data or not data.strip():
+                continue
+            caller = parse_caller(data.decode("utf-8", errors="replace").splitlines()[0], source="file",
+                                  region=self.region)
+            if number in (caller.e164, caller.raw):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
+
+    def _entries(self) -> list[os.DirEntry[str]]:
+        try:
+            return [entry for entry in os.scandir(self.directory)
+                    if entry.name.startswith(PREFIX) and entry.name.endswith(SUFFIX)]
+        except OSError as exc:
+            log.warning("caller_dir_unreadable", path=str(self.directory), reason=type(exc).__name__)
+            return []
+
     def sweep(self) -> int:
         """Delete caller files older than the TTL; returns how many went."""
         removed = 0
         cutoff = time.time() - self.ttl_seconds
-        try:
-            entries = list(os.scandir(self.directory))
-        except OSError as exc:
-            log.warning("caller_dir_unreadable", path=str(self.directory), reason=type(exc).__name__)
-            return 0
-        for entry in entries:
-            if not (entry.name.startswith(PREFIX) and entry.name.endswith(SUFFIX)):
-                continue
+        for entry in self._entries():
             try:
                 info = entry.stat(follow_symlinks=False)
                 if info.st_mtime < cutoff and (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)):

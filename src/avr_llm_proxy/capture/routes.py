@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import structlog
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from ..access import Network, bearer, client_in, token_matches
 from ..calls import CallRegistry
 from ..observability import REJECTED
 from ..stores import StoreError
@@ -31,7 +34,10 @@ async def read_body(request: Request, limit: int) -> bytes | None:
     return b"".join(parts)
 
 
-def capture_router(registry: CallRegistry, region: str) -> APIRouter:
+def capture_router(
+    registry: CallRegistry, region: str, networks: Sequence[Network], capture_token: str
+) -> APIRouter:
+    """`POST /call`: from TRUSTED_NETWORKS or with CAPTURE_TOKEN; only the token may replace a record."""
     router = APIRouter()
 
     @router.post("/call", summary="Record the caller of a call (JSON, avr-core's payload, or CURL() form)")
@@ -46,6 +52,12 @@ def capture_router(registry: CallRegistry, region: str) -> APIRouter:
                 return PlainTextResponse(f"ERROR {reason}", status_code=status)
             return JSONResponse({"error": reason}, status_code=status)
 
+        given = bearer(request.headers.get("authorization"))
+        with_token = token_matches(given, capture_token)
+        if given is not None and not with_token:
+            return refuse("bad_capture_token", 401)
+        if not with_token and not client_in(_client(request), networks):
+            return refuse("untrusted_client: add its network to TRUSTED_NETWORKS or send CAPTURE_TOKEN", 403)
         body = await read_body(request, MAX_CALL_BODY)
         if body is None:
             return refuse("body_too_large", 413)
@@ -54,10 +66,13 @@ def capture_router(registry: CallRegistry, region: str) -> APIRouter:
         except CaptureError as exc:
             return refuse(exc.reason, exc.status)
         try:
-            stored = await registry.put(record)
+            stored = await registry.put(record) if with_token else await registry.add(record)
         except StoreError as exc:
             log.error("capture_not_stored", uuid=record.uuid, reason=str(exc))
             return refuse("store_unavailable", 503)
+        if stored is None:
+            # Someone else could otherwise attach a false number to a live call.
+            return refuse("already_captured: replacing a caller needs CAPTURE_TOKEN", 403)
         caller = stored.caller
         log.info(
             "caller_captured", uuid=stored.uuid, source=caller.source, caller_number=caller.log_number,

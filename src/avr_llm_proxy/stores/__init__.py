@@ -14,8 +14,20 @@ class Store(Protocol):
 
     #: How often a waiter should re-read when another process may write (None: local writes only).
     poll_interval: float | None
+    #: Whether values reach a disk (then calls.py seals them).
+    durable: bool
 
-    async def put(self, key: str, value: bytes, expires_at: float) -> None: ...
+    async def put(self, key: str, value: bytes, expires_at: float, tag: str | None = None, replace: bool = True,
+                  ) -> bool:
+        """Store a value with an optional tag (a keyed number hash, for erasure by number).
+
+        With replace=False a live value is kept and False returned.
+        """
+        ...
+
+    async def delete_tagged(self, tag: str) -> int:
+        """Delete every value stored with `tag`; returns how many."""
+        ...
 
     async def get(self, key: str) -> bytes | None:
         """The value, or None when it is missing or expired."""

@@ -7,18 +7,24 @@ import time
 
 class MemoryStore:
     poll_interval: float | None = None
+    durable = False
 
     def __init__(self, max_entries: int = 1_000_000) -> None:
-        self._data: dict[str, tuple[float, bytes]] = {}
+        self._data: dict[str, tuple[float, bytes, str | None]] = {}
         self._max_entries = max_entries
 
-    async def put(self, key: str, value: bytes, expires_at: float) -> None:
+    async def put(self, key: str, value: bytes, expires_at: float, tag: str | None = None, replace: bool = True,
+                  ) -> bool:
+        current = self._data.get(key)
+        if current is not None and not replace and current[0] > time.time():
+            return False
         if len(self._data) >= self._max_entries and key not in self._data:
             await self.purge_expired(time.time())
             if len(self._data) >= self._max_entries:
                 # Bounded memory: the oldest inserted record goes first.
                 del self._data[next(iter(self._data))]
-        self._data[key] = (expires_at, value)
+        self._data[key] = (expires_at, value, tag)
+        return True
 
     async def get(self, key: str) -> bytes | None:
         entry = self._data.get(key)
@@ -32,8 +38,14 @@ class MemoryStore:
     async def delete(self, key: str) -> bool:
         return self._data.pop(key, None) is not None
 
+    async def delete_tagged(self, tag: str) -> int:
+        keys = [key for key, entry in self._data.items() if entry[2] == tag]
+        for key in keys:
+            del self._data[key]
+        return len(keys)
+
     async def purge_expired(self, now: float) -> int:
-        expired = [key for key, (expires_at, _) in self._data.items() if expires_at <= now]
+        expired = [key for key, entry in self._data.items() if entry[0] <= now]
         for key in expired:
             del self._data[key]
         return len(expired)

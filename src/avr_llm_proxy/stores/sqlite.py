@@ -18,9 +18,11 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
     key TEXT PRIMARY KEY,
     value BLOB NOT NULL,
-    expires_at REAL NOT NULL
+    expires_at REAL NOT NULL,
+    tag TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS calls_expiry ON calls (expires_at);
+CREATE INDEX IF NOT EXISTS calls_tag ON calls (tag);
 """
 
 
@@ -35,12 +37,16 @@ def _connect(path: str) -> sqlite3.Connection:
 class SqliteStore:
     # Another worker process may write a record a turn here is waiting for.
     poll_interval: float | None = 0.02
+    durable = True
 
     def __init__(self, path: str) -> None:
         self.path = path
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self._writer = _connect(path)
+            columns = {row[1] for row in self._writer.execute("PRAGMA table_info(calls)")}
+            if columns and "tag" not in columns:  # a database from before erasure by number
+                self._writer.execute("ALTER TABLE calls ADD COLUMN tag TEXT")
             self._writer.executescript(_SCHEMA)
             self._reader = _connect(path)
         except (sqlite3.Error, OSError) as exc:
@@ -56,12 +62,23 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite write failed: {exc}") from exc
 
-    async def put(self, key: str, value: bytes, expires_at: float) -> None:
-        await self._write(
-            "INSERT INTO calls (key, value, expires_at) VALUES (?, ?, ?) "
-            "ON CONFLICT(key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
-            (key, value, expires_at),
+    async def put(self, key: str, value: bytes, expires_at: float, tag: str | None = None, replace: bool = True,
+                  ) -> bool:
+        # Without replace, only an expired row (not yet purged) may be overwritten.
+        condition = "" if replace else " WHERE calls.expires_at <= ?"
+        params: tuple[object, ...] = (key, value, expires_at, tag)
+        if not replace:
+            params += (time.time(),)
+        changed = await self._write(
+            "INSERT INTO calls (key, value, expires_at, tag) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at, "
+            "tag = excluded.tag" + condition,
+            params,
         )
+        return changed > 0
+
+    async def delete_tagged(self, tag: str) -> int:
+        return await self._write("DELETE FROM calls WHERE tag = ?", (tag,))
 
     async def get(self, key: str) -> bytes | None:
         try:
