@@ -14,9 +14,10 @@ from .privacy import NumberPolicy, number_redactor, scrub_text
 
 # Fields that hold a caller's number: redacted whole.
 NUMBER_FIELDS = frozenset({"caller_number", "number", "callerid", "from_number", "num", "e164", "raw"})
-# Fields that never hold one (identifiers, figures): left as they are.
+# Fields that never hold one (identifiers, figures): left as they are. `event` is not one of them: a
+# library's log message lands there.
 SAFE_FIELDS = frozenset(
-    {"uuid", "uniqueid", "linkedid", "event", "level", "timestamp", "latency_ms", "status", "turn",
+    {"uuid", "uniqueid", "linkedid", "level", "timestamp", "latency_ms", "status", "turn",
      "source", "reason", "presentation", "path", "port", "host", "store", "upstream", "elapsed_ms",
      "client", "agi", "ami", "outcome", "sentences", "waited_ms", "retry_in_s", "count", "files", "valid"}
 )
