@@ -39,7 +39,7 @@ def test_env_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     ("name", "value", "words"),
     [
         ("PORT", "seventy", "PORT"),
-        ("STORE_URL", "postgres://x", "memory:// or sqlite:///"),
+        ("STORE_URL", "postgres://x", "memory://, sqlite:///<path> or redis://"),
         ("API_URL", "ftp://x", "http:// or https://"),
         ("NUMBER_FORMAT", "fancy", "e164"),
         ("DEFAULT_REGION", "XX", "two-letter region"),

@@ -96,6 +96,7 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await upstream.start()
+        registry.start()
         if agi:
             await agi.start()
         if ami:

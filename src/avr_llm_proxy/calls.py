@@ -7,6 +7,7 @@ registry lets a turn wait briefly for the record instead of sending "unknown".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,6 +23,8 @@ from .privacy import Sealer, SealError, hash_number
 from .stores import Store, StoreError
 
 log = structlog.get_logger("avr_llm_proxy.calls")
+
+MAX_KEPT = 50_000
 
 @dataclass(frozen=True, slots=True)
 class CallRecord:
@@ -109,9 +112,38 @@ class CallRegistry:
         # Durable stores hold records sealed (AES-GCM), and a keyed hash of the number for erasure.
         self.sealer = sealer if store.durable else None
         self.hash_key = hash_key
+        # Records this process captured or served, kept while their call lives: when the shared store
+        # loses them (a Redis restart, a connection cut) the call still has its caller, and the
+        # store is healed from here. Bounded; never consulted when the store has the record.
+        self._kept: OrderedDict[str, CallRecord] = OrderedDict()
+        self._keep = store.durable
         self.recent = RecentCalls()
         self._late_sources = tuple(late_sources)
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+
+    def start(self) -> None:
+        """Wake waiting turns on captures made by other processes (where the store can tell)."""
+        self.store.listen(self._wake)
+
+    def _remember(self, record: CallRecord) -> CallRecord:
+        if self._keep:
+            self._kept.pop(record.uuid, None)
+            self._kept[record.uuid] = record
+            if len(self._kept) > MAX_KEPT:
+                self._kept.popitem(last=False)
+        return record
+
+    def _kept_record(self, uuid: str) -> CallRecord | None:
+        record = self._kept.get(uuid)
+        if record is not None and record.expires_at <= time.time():
+            del self._kept[uuid]
+            return None
+        return record
+
+    def _wake(self, uuid: str) -> None:
+        for waiter in self._waiters.pop(uuid, ()):
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def put(self, record: CallRecord) -> CallRecord:
         """Record (or replace) a caller and wake every turn of this process waiting for it."""
@@ -143,19 +175,30 @@ class CallRegistry:
             data = self.sealer.seal(data)
         if not await self.store.put(stored.uuid, data, stored.expires_at, self.number_tag(stored.caller), replace):
             return None
-        for waiter in self._waiters.pop(stored.uuid, ()):
-            if not waiter.done():
-                waiter.set_result(None)
-        return stored
+        self._wake(stored.uuid)
+        return self._remember(stored)
 
     async def get(self, uuid: str) -> CallRecord | None:
         """The record from the store, else from a late source (then kept in the store)."""
-        data = await self.store.get(uuid)
+        try:
+            data = await self.store.get(uuid)
+        except StoreError:
+            kept = self._kept_record(uuid)
+            if kept is None:
+                raise
+            return kept
         if data is not None:
             try:
-                return CallRecord.from_bytes(self.sealer.open(data) if self.sealer else data)
+                return self._remember(CallRecord.from_bytes(self.sealer.open(data) if self.sealer else data))
             except (ValueError, KeyError, TypeError, SealError) as exc:
                 raise StoreError(f"unreadable record: {type(exc).__name__}") from exc
+        kept = self._kept_record(uuid)
+        if kept is not None:
+            # The store lost a live call's record (restarted without persistence): put it back.
+            log.warning("record_restored", uuid=uuid)
+            with contextlib.suppress(StoreError):
+                await self._save(kept)
+            return kept
         for source in self._late_sources:
             found = await source(uuid)
             if found is not None:
@@ -197,11 +240,22 @@ class CallRegistry:
         return await self._save(record) or record
 
     async def forget(self, uuid: str) -> bool:
+        self._kept.pop(uuid, None)
         return await self.store.delete(uuid)
+
+    async def newest(self, limit: int = 50) -> list[CallRecord]:
+        """The newest calls of the store (for `avr-llm-proxy calls`); unreadable ones are skipped."""
+        records = []
+        for data in await self.store.recent(limit):
+            with contextlib.suppress(ValueError, KeyError, TypeError, SealError):
+                records.append(CallRecord.from_bytes(self.sealer.open(data) if self.sealer else data))
+        return records
 
     async def forget_number(self, caller: CallerId) -> int:
         """Erase every record of this caller's number; returns how many went."""
         tag = self.number_tag(caller)
+        for uuid in [uuid for uuid, record in self._kept.items() if self.number_tag(record.caller) == tag]:
+            del self._kept[uuid]
         return await self.store.delete_tagged(tag) if tag else 0
 
     async def purge_expired(self) -> int:

@@ -123,7 +123,9 @@ class Settings(BaseSettings):
     def _store_scheme(cls, value: str) -> str:
         if value == "memory://" or (value.startswith("sqlite:///") and len(value) > len("sqlite:///")):
             return value
-        raise ValueError("must be memory:// or sqlite:///<path>")
+        if value.startswith(("redis://", "rediss://")) and urlsplit(value).hostname:
+            return value
+        raise ValueError("must be memory://, sqlite:///<path> or redis://host:port/db")
 
     @field_validator("default_region")
     @classmethod

@@ -126,14 +126,25 @@ def parse_keys(value: str) -> list[tuple[str, bytes]]:
 
 
 def load_or_create_key_file(path: Path) -> tuple[list[tuple[str, bytes]], bool]:
-    """The key in `path`, created (mode 0600) if missing; returns the keys and whether it was created."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    """The key in `path`, created (mode 0600) if missing; returns the keys and whether it was created.
+
+    Written to a private temporary file and linked into place, so a second process starting at the same
+    moment reads either no file or the whole key, never an empty one.
+    """
+    if path.exists():
         return parse_keys(path.read_text().strip()), False
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write("file:" + base64.b64encode(os.urandom(32)).decode() + "\n")
-    return parse_keys(path.read_text().strip()), True
+    try:
+        os.link(temporary, path)
+        created = True
+    except FileExistsError:
+        created = False
+    finally:
+        temporary.unlink()
+    return parse_keys(path.read_text().strip()), created
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -27,6 +28,14 @@ class Store(Protocol):
 
     async def delete_tagged(self, tag: str) -> int:
         """Delete every value stored with `tag`; returns how many."""
+        ...
+
+    async def recent(self, limit: int) -> list[bytes]:
+        """The values expiring last (the newest calls), at most `limit`."""
+        ...
+
+    def listen(self, on_key: Callable[[str], None]) -> None:
+        """Have `on_key(key)` called for puts made by other processes, where the store can tell."""
         ...
 
     async def get(self, key: str) -> bytes | None:
@@ -56,4 +65,8 @@ def open_store(url: str) -> Store:
         from .sqlite import SqliteStore
 
         return SqliteStore(url.removeprefix("sqlite:///"))
+    if url.startswith(("redis://", "rediss://")):
+        from .redis import RedisStore
+
+        return RedisStore(url)
     raise StoreError(f"unsupported STORE_URL scheme: {url.split(':', 1)[0]}")

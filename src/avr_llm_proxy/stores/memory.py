@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 
 class MemoryStore:
@@ -43,6 +44,13 @@ class MemoryStore:
         for key in keys:
             del self._data[key]
         return len(keys)
+
+    async def recent(self, limit: int) -> list[bytes]:
+        newest = sorted(self._data.values(), key=lambda entry: entry[0], reverse=True)[:limit]
+        return [entry[1] for entry in newest if entry[0] > time.time()]
+
+    def listen(self, on_key: Callable[[str], None]) -> None:
+        return None  # one process: every put already wakes its waiters
 
     async def purge_expired(self, now: float) -> int:
         expired = [key for key, entry in self._data.items() if entry[0] <= now]

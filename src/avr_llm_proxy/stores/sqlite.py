@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -91,6 +92,18 @@ class SqliteStore:
 
     async def delete(self, key: str) -> bool:
         return await self._write("DELETE FROM calls WHERE key = ?", (key,)) > 0
+
+    async def recent(self, limit: int) -> list[bytes]:
+        try:
+            rows = self._reader.execute(
+                "SELECT value FROM calls WHERE expires_at > ? ORDER BY expires_at DESC LIMIT ?", (time.time(), limit)
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite read failed: {exc}") from exc
+        return [bytes(row[0]) for row in rows]
+
+    def listen(self, on_key: Callable[[str], None]) -> None:
+        return None  # no change feed in SQLite: waiters poll every poll_interval
 
     async def purge_expired(self, now: float) -> int:
         return await self._write("DELETE FROM calls WHERE expires_at <= ?", (now,))

@@ -1,0 +1,146 @@
+"""A store in Redis, shared by every replica: one key per call with its expiry, nothing scanned.
+
+Keys (prefix `avrlp:`): `call:<uuid>` holds the sealed record with a TTL; `tag:<hash>` is the set of
+calls of one number (for erasure), expiring with its newest call; `recent` is a sorted set of call
+ids trimmed to the last 1,000 (for `avr-llm-proxy calls`). A capture is published on `captured`, so
+a turn waiting on another replica wakes at once instead of polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+
+from . import StoreError
+
+log = structlog.get_logger("avr_llm_proxy.stores.redis")
+
+PREFIX = "avrlp:"
+CHANNEL = PREFIX + "captured"
+RECENT = PREFIX + "recent"
+RECENT_SIZE = 1000
+
+
+def _bytes(value: object) -> bytes:
+    """redis-py answers bytes (no decode_responses); its typing also allows str."""
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _text(value: object) -> str:
+    return value.decode("ascii", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+class RedisStore:
+    # Waiters are woken by pub/sub; the poll is only a safety net for a lost message.
+    poll_interval: float | None = 0.5
+    durable = True
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._client = aioredis.Redis.from_url(
+            url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=15,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3), retry_on_timeout=True,
+        )
+        self._listener: asyncio.Task[None] | None = None
+
+    async def put(self, key: str, value: bytes, expires_at: float, tag: str | None = None, replace: bool = True,
+                  ) -> bool:
+        ttl_ms = max(1, int((expires_at - time.time()) * 1000))
+        try:
+            stored = await self._client.set(PREFIX + "call:" + key, value, px=ttl_ms, nx=not replace)
+            if not stored:
+                return False
+            async with self._client.pipeline(transaction=False) as pipe:
+                if tag:
+                    pipe.sadd(PREFIX + "tag:" + tag, key)
+                    pipe.pexpire(PREFIX + "tag:" + tag, ttl_ms)
+                pipe.zadd(RECENT, {key: expires_at})
+                pipe.zremrangebyrank(RECENT, 0, -RECENT_SIZE - 1)
+                pipe.publish(CHANNEL, key)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis write failed: {type(exc).__name__}: {exc}") from exc
+        return True
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            value = await self._client.get(PREFIX + "call:" + key)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis read failed: {type(exc).__name__}: {exc}") from exc
+        return None if value is None else _bytes(value)
+
+    async def delete(self, key: str) -> bool:
+        try:
+            return bool(await self._client.delete(PREFIX + "call:" + key))
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis delete failed: {type(exc).__name__}: {exc}") from exc
+
+    async def delete_tagged(self, tag: str) -> int:
+        try:
+            keys = [_text(member) for member in await self._client.smembers(PREFIX + "tag:" + tag)]
+            deleted = int(await self._client.delete(*[PREFIX + "call:" + key for key in keys])) if keys else 0
+            await self._client.delete(PREFIX + "tag:" + tag)
+            if keys:
+                await self._client.zrem(RECENT, *keys)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis erase failed: {type(exc).__name__}: {exc}") from exc
+        return deleted
+
+    async def recent(self, limit: int) -> list[bytes]:
+        try:
+            keys = [_text(member) for member in await self._client.zrevrange(RECENT, 0, limit - 1)]
+            values = await self._client.mget([PREFIX + "call:" + key for key in keys]) if keys else []
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis read failed: {type(exc).__name__}: {exc}") from exc
+        return [_bytes(value) for value in values if value is not None]
+
+    async def purge_expired(self, now: float) -> int:
+        """Redis expires call keys itself; only the recent-calls index needs trimming."""
+        try:
+            return int(await self._client.zremrangebyscore(RECENT, "-inf", now))
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis purge failed: {type(exc).__name__}: {exc}") from exc
+
+    async def ping(self) -> None:
+        try:
+            await self._client.ping()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis at {self._where()} unreachable: {type(exc).__name__}") from exc
+
+    def _where(self) -> str:
+        kwargs = self._client.connection_pool.connection_kwargs
+        return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+
+    def listen(self, on_key: Callable[[str], None]) -> None:
+        """Call `on_key(uuid)` for every capture published by any replica, reconnecting as needed."""
+        self._listener = asyncio.create_task(self._listen(on_key), name="redis-captures")
+
+    async def _listen(self, on_key: Callable[[str], None]) -> None:
+        delay = 0.1
+        while True:
+            try:
+                async with self._client.pubsub() as pubsub:
+                    await pubsub.subscribe(CHANNEL)
+                    delay = 0.1
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            on_key(_text(message["data"]))
+            except (RedisError, OSError) as exc:
+                log.warning("redis_subscription_lost", reason=type(exc).__name__, retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        await self._client.aclose()
