@@ -1,4 +1,4 @@
-"""calls.py over every store: one contract, run against memory and SQLite."""
+"""calls.py: the registry over the memory and SQLite stores (the store contract: test_store_contract)."""
 
 from __future__ import annotations
 
@@ -27,35 +27,6 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 def record(uuid: str = UUID, number: str = "+593987654321") -> CallRecord:
     return CallRecord(uuid=uuid, caller=parse_caller(number, "Juan Perez", "0", source="http"), called_number="5551000")
-
-
-class TestStoreContract:
-    """What every store must do, whatever keeps the bytes."""
-
-    async def test_put_get_delete(self, store: Store) -> None:
-        """A value comes back as stored until it is deleted."""
-        await store.put("k", b"v", time.time() + 60)
-        assert await store.get("k") == b"v"
-        assert await store.delete("k") is True
-        assert await store.get("k") is None and await store.delete("k") is False
-
-    async def test_put_replaces(self, store: Store) -> None:
-        """A second put for a key replaces the value and the expiry."""
-        await store.put("k", b"1", time.time() + 60)
-        await store.put("k", b"2", time.time() + 60)
-        assert await store.get("k") == b"2"
-
-    async def test_expired_values_are_gone(self, store: Store) -> None:
-        """After its expiry a value is not returned, and purge removes it."""
-        await store.put("old", b"v", time.time() - 1)
-        await store.put("new", b"v", time.time() + 60)
-        assert await store.get("old") is None
-        assert await store.purge_expired(time.time()) in (0, 1)
-        assert await store.get("new") == b"v"
-
-    async def test_ping(self, store: Store) -> None:
-        """A usable store answers ping without raising."""
-        await store.ping()
 
 
 async def test_record_round_trip(store: Store) -> None:

@@ -24,6 +24,7 @@ from .capture.files import LegacyCallerFiles
 from .capture.routes import capture_router
 from .config import Settings
 from .demo_api import DemoApi
+from .lifecycle import Lifecycle
 from .openai_chat import ChatUpstream
 from .privacy import Keys, number_redactor, resolve_keys
 from .stores import open_store
@@ -77,6 +78,8 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
             filler_message=settings.filler_message, keep_stale_turns=settings.keep_stale_turns,
         ),
     )
+    lifecycle = Lifecycle(registry, settings.default_region, settings.number_format, settings.events_url,
+                          token=settings.api_token, signing_secret=settings.api_signing_secret)
     agi = FastAgiServer(registry, settings.agi_listen, settings.default_region) if settings.agi_listen else None
     ami = AmiListener(registry, settings.ami_url, settings.default_region) if settings.ami_url else None
     redact = number_redactor(settings.log_numbers, keys.hash_key)
@@ -97,6 +100,7 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await upstream.start()
         registry.start()
+        await lifecycle.start()
         if agi:
             await agi.start()
         if ami:
@@ -119,11 +123,13 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
                 await agi.close()
             if ami:
                 await ami.close()
+            await lifecycle.close()
             await upstream.close()
             await store.close()
 
     app = FastAPI(title="avr-llm-proxy", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.include_router(capture_router(registry, settings.default_region, settings.networks, settings.capture_token))
+    app.include_router(capture_router(registry, settings.default_region, settings.networks, settings.capture_token,
+                                      lifecycle, settings.webhook_secret))
 
     @app.get("/healthz", summary="The process is up")
     async def healthz() -> dict[str, str]:

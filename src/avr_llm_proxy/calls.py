@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -37,22 +38,23 @@ class CallRecord:
     uniqueid: str | None = None
     captured_at: float = field(default_factory=time.time)
     expires_at: float = 0.0
+    # The call's lifecycle, from avr-core's webhooks (POST /events).
+    started_at: float | None = None
+    ended_at: float | None = None
+    turns: int = 0
 
     def to_bytes(self) -> bytes:
         """Compact JSON, nulls left out; copied because orjson's own buffer keeps 4 KiB per object."""
-        caller = {key: value for key, value in self.caller.as_dict().items() if value is not None}
-        fields = {"uuid": self.uuid, "caller": caller, "called_number": self.called_number, "channel": self.channel,
-                  "uniqueid": self.uniqueid, "captured_at": self.captured_at, "expires_at": self.expires_at}
-        return bytes(memoryview(orjson.dumps({key: value for key, value in fields.items() if value is not None})))
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        fields["caller"] = {key: value for key, value in self.caller.as_dict().items() if value is not None}
+        return bytes(memoryview(orjson.dumps({key: value for key, value in fields.items() if value not in (None, 0)})))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> CallRecord:
         raw: dict[str, Any] = orjson.loads(data)
-        return cls(
-            uuid=raw["uuid"], caller=CallerId.from_dict(raw["caller"]), called_number=raw.get("called_number"),
-            channel=raw.get("channel"), uniqueid=raw.get("uniqueid"), captured_at=raw["captured_at"],
-            expires_at=raw.get("expires_at", 0.0),
-        )
+        known = {name: raw[name] for name in cls.__slots__ if name in raw}
+        known["caller"] = CallerId.from_dict(raw["caller"])
+        return cls(**known)
 
 
 # A late source is asked for a caller the store does not have (the legacy file is one).
@@ -164,12 +166,8 @@ class CallRegistry:
         number = caller.e164 or caller.raw
         return hash_number(number, self.hash_key) if number and self.hash_key else None
 
-    async def _save(self, record: CallRecord, replace: bool = True) -> CallRecord | None:
-        stored = CallRecord(
-            uuid=record.uuid, caller=record.caller, called_number=record.called_number, channel=record.channel,
-            uniqueid=record.uniqueid, captured_at=record.captured_at,
-            expires_at=time.time() + self.ttl_seconds,
-        )
+    async def _save(self, record: CallRecord, replace: bool = True, ttl: float | None = None) -> CallRecord | None:
+        stored = dataclasses.replace(record, expires_at=time.time() + (self.ttl_seconds if ttl is None else ttl))
         data = stored.to_bytes()
         if self.sealer is not None:
             data = self.sealer.seal(data)
@@ -238,6 +236,12 @@ class CallRegistry:
         if record.expires_at - time.time() > self.ttl_seconds / 2:
             return record
         return await self._save(record) or record
+
+    async def update(self, record: CallRecord, ttl: float | None = None) -> CallRecord:
+        """Store a changed record (lifecycle fields), optionally with a new retention."""
+        stored = await self._save(record, ttl=ttl)
+        assert stored is not None, "a replacing save always stores"
+        return stored
 
     async def forget(self, uuid: str) -> bool:
         self._kept.pop(uuid, None)

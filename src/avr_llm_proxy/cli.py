@@ -1,4 +1,4 @@
-"""The `avr-llm-proxy` command: serve, simulate, check, forget."""
+"""The `avr-llm-proxy` command: serve, simulate, check, calls, forget."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ import asyncio
 import os
 import socket
 import sys
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from .config import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from .calls import CallRecord
 
 
 def _settings(**overrides: object) -> Settings:
@@ -198,6 +202,50 @@ def forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def calls(args: argparse.Namespace) -> int:
+    """The newest calls in the configured store, numbers masked."""
+    import datetime
+
+    from .app import keys_for
+    from .calls import CallRegistry
+    from .privacy import number_redactor
+    from .stores import StoreError, open_store
+
+    settings = _settings()
+    if settings.store_url == "memory://":
+        print("avr-llm-proxy: the memory store lives inside the serving process; see GET /debug", file=sys.stderr)
+        return 1
+    keys = keys_for(settings)
+    redact = number_redactor(settings.log_numbers, keys.hash_key)
+
+    async def newest() -> list[CallRecord]:
+        store = open_store(settings.store_url)
+        try:
+            return await CallRegistry(store, settings.caller_ttl_seconds, (), keys.sealer, keys.hash_key) \
+                .newest(args.limit)
+        finally:
+            await store.close()
+
+    try:
+        records = asyncio.run(newest())
+    except StoreError as exc:
+        print(f"avr-llm-proxy: {exc}", file=sys.stderr)
+        return 1
+
+    def when(stamp: float | None) -> str:
+        return datetime.datetime.fromtimestamp(stamp).strftime("%H:%M:%S") if stamp else "-"
+
+    print(f"{'uuid':<36}  {'captured':<8}  {'caller':<16}  {'presentation':<11}  {'source':<8}  "
+          f"{'called':<12}  {'started':<8}  {'ended':<8}  turns")
+    for record in records:
+        caller = record.caller
+        number = redact(caller.log_number) if caller.loggable_number else caller.log_number
+        print(f"{record.uuid:<36}  {when(record.captured_at):<8}  {number:<16}  {caller.presentation:<11}  "
+              f"{caller.source:<8}  {record.called_number or '-':<12}  {when(record.started_at):<8}  "
+              f"{when(record.ended_at):<8}  {record.turns}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avr-llm-proxy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -221,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_check = sub.add_parser("check", help="validate settings and reachability")
     p_check.set_defaults(func=check)
+
+    p_calls = sub.add_parser("calls", help="list the newest calls in the store (numbers masked)")
+    p_calls.add_argument("--limit", type=int, default=50)
+    p_calls.set_defaults(func=calls)
 
     p_forget = sub.add_parser("forget", help="erase every stored record of a phone number")
     p_forget.add_argument("number", help="the number, in any spelling (read in DEFAULT_REGION)")

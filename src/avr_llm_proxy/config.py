@@ -92,10 +92,11 @@ class Settings(BaseSettings):
     api_token: str = Field("", validation_alias="API_TOKEN", repr=False)
     api_signing_secret: str = Field("", validation_alias="API_SIGNING_SECRET", repr=False)
     webhook_secret: str = Field("", validation_alias="WEBHOOK_SECRET", repr=False)
+    events_url: str = Field("", validation_alias="EVENTS_URL")
     callerid_file_owners: str = Field("", validation_alias="CALLERID_FILE_OWNERS")
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576, validation_alias="MAX_BODY_BYTES")
 
-    @field_validator("api_url", "openai_base_url")
+    @field_validator("api_url", "openai_base_url", "events_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
         if value and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname):

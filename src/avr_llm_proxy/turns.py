@@ -10,6 +10,7 @@ with nothing rather than with a stale answer spoken after the new one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ class Turns:
         self._fallback = [frame(sentence) for sentence in sentences(policy.fallback_message)]
         self._filler = [frame(sentence) for sentence in sentences(policy.filler_message)]
         self._flights: dict[str, _Flight] = {}
+        self._counting: set[asyncio.Task[None]] = set()
 
     def reject(self, reason: str, uuid: str | None = None) -> list[bytes]:
         """The fallback frames for a request we could not use, with its log line."""
@@ -183,6 +185,8 @@ class Turns:
                 yield chunk
         finally:
             self._land(turn.uuid, flight)
+            if record is not None and turn.turn > record.turns:
+                self._count(record, turn.turn)
             self.registry.recent.note_turn(turn.uuid, caller, outcome.status, outcome.upstream_ms)
             log.info(
                 "turn", uuid=turn.uuid, turn=turn.turn, caller_number=caller.log_number, source=caller.source,
@@ -258,6 +262,20 @@ class Turns:
         finally:
             if not pump.done():
                 pump.cancel()
+
+    def _count(self, record: CallRecord, turns: int) -> None:
+        """Keep the record's turn count (for `calls` and EVENTS_URL) in the background, off the turn's path."""
+
+        async def update() -> None:
+            try:
+                await self.registry.update(dataclasses.replace(record, turns=turns),
+                                           ttl=max(1.0, record.expires_at - time.time()))
+            except StoreError as exc:
+                log.info("turn_count_not_stored", uuid=record.uuid, reason=str(exc))
+
+        task = asyncio.create_task(update())
+        self._counting.add(task)
+        task.add_done_callback(self._counting.discard)
 
     def _failed(self, request: UpstreamRequest, outcome: _Outcome, error: UpstreamError, upstream_ms: float) -> None:
         outcome.status = f"fallback:{error.reason}"

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from ..access import Network, bearer, client_in, token_matches
 from ..calls import CallRegistry
+from ..lifecycle import EventError, Lifecycle, parse_event
 from ..observability import REJECTED
 from ..stores import StoreError
 from .call import CaptureError, parse_call
@@ -17,6 +18,7 @@ from .call import CaptureError, parse_call
 log = structlog.get_logger("avr_llm_proxy.capture")
 
 MAX_CALL_BODY = 16 * 1024
+MAX_EVENT_BODY = 64 * 1024
 
 
 async def read_body(request: Request, limit: int) -> bytes | None:
@@ -35,7 +37,8 @@ async def read_body(request: Request, limit: int) -> bytes | None:
 
 
 def capture_router(
-    registry: CallRegistry, region: str, networks: Sequence[Network], capture_token: str
+    registry: CallRegistry, region: str, networks: Sequence[Network], capture_token: str, lifecycle: Lifecycle,
+    webhook_secret: str,
 ) -> APIRouter:
     """`POST /call`: from TRUSTED_NETWORKS or with CAPTURE_TOKEN; only the token may replace a record."""
     router = APIRouter()
@@ -81,6 +84,32 @@ def capture_router(
         if is_form:
             return PlainTextResponse("OK")
         return JSONResponse({"status": "ok", "uuid": stored.uuid, "presentation": caller.presentation})
+
+    @router.post("/events", summary="avr-core's webhooks: call_initiated, call_started, call_ended, …")
+    async def events(request: Request) -> Response:
+        def refuse(reason: str, status: int) -> Response:
+            REJECTED.labels(endpoint="events", reason=reason.split(":")[0]).inc()
+            log.warning("event_refused", reason=reason, status=status, client=_client(request))
+            return JSONResponse({"error": reason}, status_code=status)
+
+        if webhook_secret:
+            if not token_matches(request.headers.get("x-avr-webhook-secret"), webhook_secret):
+                return refuse("bad_webhook_secret", 401)
+        elif not client_in(_client(request), networks):
+            return refuse("untrusted_client: add its network to TRUSTED_NETWORKS or set WEBHOOK_SECRET", 403)
+        body = await read_body(request, MAX_EVENT_BODY)
+        if body is None:
+            return refuse("body_too_large", 413)
+        try:
+            event = parse_event(body)
+        except EventError as exc:
+            return refuse(exc.reason, 400)
+        try:
+            await lifecycle.apply(event)
+        except StoreError as exc:
+            log.error("event_not_stored", uuid=event.uuid, type=event.type, reason=str(exc))
+            return refuse("store_unavailable", 503)
+        return JSONResponse({"status": "ok"})
 
     return router
 

@@ -1,0 +1,126 @@
+"""One store contract, run against memory, SQLite and the real Redis (database 15, cleaned before and after)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from avr_llm_proxy.calls import CallRecord, CallRegistry
+from avr_llm_proxy.identity import parse_caller
+from avr_llm_proxy.stores import Store, open_store
+
+REDIS_URL = "redis://127.0.0.1:6379/15"
+UUID = "cbb1cd1e-86d0-4af4-b938-ebd18537fffb"
+
+
+def redis_available() -> bool:
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
+    except redis.RedisError:
+        return False
+    return True
+
+
+def clean_redis() -> None:
+    redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "redis":
+        if not redis_available():
+            pytest.skip("Redis is not answering on 127.0.0.1:6379")
+        clean_redis()
+    url = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path / 'calls.db'}", "redis": REDIS_URL}[request.param]
+    opened = open_store(url)
+    yield opened
+    await opened.close()
+    if request.param == "redis":
+        clean_redis()
+
+
+def record(uuid: str = UUID, number: str = "+593987654321") -> CallRecord:
+    return CallRecord(uuid=uuid, caller=parse_caller(number, "Juan Perez", "0", source="http"), called_number="5551000")
+
+
+class TestStoreContract:
+    """What every store must do, whatever keeps the bytes."""
+
+    async def test_put_get_delete(self, store: Store) -> None:
+        """A value comes back as stored until it is deleted."""
+        assert await store.put("k", b"v", time.time() + 60)
+        assert await store.get("k") == b"v"
+        assert await store.delete("k") is True
+        assert await store.get("k") is None and await store.delete("k") is False
+
+    async def test_replace_or_keep(self, store: Store) -> None:
+        """put replaces; put(replace=False) keeps a live value and says so."""
+        await store.put("k", b"1", time.time() + 60)
+        await store.put("k", b"2", time.time() + 60)
+        assert await store.get("k") == b"2"
+        assert await store.put("k", b"3", time.time() + 60, replace=False) is False
+        assert await store.get("k") == b"2"
+        assert await store.put("new", b"4", time.time() + 60, replace=False) is True
+
+    async def test_expiry(self, store: Store) -> None:
+        """After its expiry a value is not returned."""
+        await store.put("short", b"v", time.time() + 0.2)
+        await store.put("long", b"v", time.time() + 60)
+        await asyncio.sleep(0.3)
+        assert await store.get("short") is None and await store.get("long") == b"v"
+        assert await store.purge_expired(time.time()) >= 0
+
+    async def test_tags_erase_by_number(self, store: Store) -> None:
+        """Every value with a tag goes with delete_tagged; others stay."""
+        for key, tag in (("a", "t1"), ("b", "t1"), ("c", "t2")):
+            await store.put(key, key.encode(), time.time() + 60, tag)
+        assert await store.delete_tagged("t1") == 2
+        assert await store.get("a") is None and await store.get("c") == b"c"
+        assert await store.delete_tagged("missing") == 0
+
+    async def test_recent(self, store: Store) -> None:
+        """recent lists the newest live values first, at most `limit`."""
+        for index in range(5):
+            await store.put(f"k{index}", str(index).encode(), time.time() + 60 + index)
+        assert await store.recent(3) == [b"4", b"3", b"2"]
+
+    async def test_ping(self, store: Store) -> None:
+        """A usable store answers ping without raising."""
+        await store.ping()
+
+
+async def test_registry_round_trip(store: Store) -> None:
+    """A record comes back exactly as captured, sealed where the store is durable."""
+    from avr_llm_proxy.privacy import Sealer
+
+    registry = CallRegistry(store, 3600, (), Sealer([("0", b"k" * 32)]), b"h" * 32)
+    stored = await registry.put(record())
+    assert await registry.get(UUID) == stored
+    assert await registry.add(record(number="+34612345678")) is None
+    assert (await registry.newest(5))[0] == stored
+    assert await registry.forget_number(stored.caller) == 1 and await store.get(UUID) is None
+
+
+async def test_wait_across_processes(store: Store, tmp_path: Path) -> None:
+    """A capture through one store handle wakes a turn waiting on another handle of the same store."""
+    if isinstance(store, type(open_store("memory://"))):
+        pytest.skip("the memory store has one process by definition")
+    other = open_store(getattr(store, "url", None) or f"sqlite:///{tmp_path / 'calls.db'}")
+    try:
+        writer, reader = CallRegistry(store, 3600), CallRegistry(other, 3600)
+        reader.start()
+        await asyncio.sleep(0.1)
+        waiting = asyncio.create_task(reader.wait(UUID, 5.0))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await writer.put(record())
+        found = await waiting
+        assert found is not None and found.caller.e164 == "+593987654321"
+        assert time.monotonic() - started < 2
+    finally:
+        await other.close()
