@@ -27,6 +27,8 @@ PREFIX = "avrlp:"
 CHANNEL = PREFIX + "captured"
 RECENT = PREFIX + "recent"
 RECENT_SIZE = 1000
+MAX_CONNECTIONS = 64
+POOL_WAIT_S = 2.0
 
 
 def _bytes(value: object) -> bytes:
@@ -45,10 +47,13 @@ class RedisStore:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._client = aioredis.Redis.from_url(
-            url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=15,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3), retry_on_timeout=True,
+        # A blocking pool: under a burst, a turn waits briefly for a connection instead of failing
+        # (the default pool refused with MaxConnectionsError at 200 concurrent calls).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT_S, socket_timeout=2.0, socket_connect_timeout=2.0,
+            health_check_interval=15, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3), retry_on_timeout=True,
         )
+        self._client = aioredis.Redis(connection_pool=pool)
         self._listener: asyncio.Task[None] | None = None
 
     async def put(self, key: str, value: bytes, expires_at: float, tag: str | None = None, replace: bool = True,

@@ -1,0 +1,95 @@
+"""POST /events (avr-core's webhooks), EVENTS_URL forwarding and `avr-llm-proxy calls`, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid as uuidlib
+from pathlib import Path
+
+import orjson
+
+from avr_llm_proxy.simulate import http_request, play_call, register_caller
+
+from ..conftest import clean_environ, make_settings, running_api, running_proxy
+
+
+def event(call: str, kind: str, payload: dict[str, object] | None = None) -> bytes:
+    return orjson.dumps({"uuid": call, "type": kind, "timestamp": "2026-11-29T23:00:00.000Z", "payload": payload or {}})
+
+
+async def test_webhook_secret_is_checked(tmp_path: Path) -> None:
+    """With WEBHOOK_SECRET, only requests carrying it in X-AVR-WEBHOOK-SECRET are taken."""
+    call = str(uuidlib.uuid4())
+    async with running_proxy(make_settings(tmp_path, webhook_secret="hook-secret")) as proxy:
+        missing = await http_request(f"{proxy.url}/events", event(call, "call_started"))
+        wrong = await http_request(f"{proxy.url}/events", event(call, "call_started"),
+                                   headers={"X-AVR-WEBHOOK-SECRET": "nope"})
+        right = await http_request(f"{proxy.url}/events", event(call, "call_started"),
+                                   headers={"X-AVR-WEBHOOK-SECRET": "hook-secret"})
+        bad = await http_request(f"{proxy.url}/events", orjson.dumps({"uuid": call, "type": "other"}),
+                                 headers={"X-AVR-WEBHOOK-SECRET": "hook-secret"})
+    assert (missing.status, wrong.status, right.status, bad.status) == (401, 401, 200, 400)
+
+
+async def test_lifecycle_and_forwarding(tmp_path: Path) -> None:
+    """call_initiated captures avr-core's payload, turns are counted, events reach EVENTS_URL enriched and signed."""
+    call = str(uuidlib.uuid4())
+    async with running_api("raw") as api:
+        api.answer = (200, {"Content-Type": "application/json"}, b"{}")
+        events_url = api.url
+        settings = make_settings(tmp_path, events_url=events_url, api_signing_secret="sign-secret")
+        async with running_proxy(settings) as proxy:
+            payload = {"from": "0987654321", "to": "5551000", "uniqueid": "1770758888.32", "channel": "PJSIP/2000-1"}
+            assert (await http_request(f"{proxy.url}/events", event(call, "call_initiated", payload))).status == 200
+            assert (await http_request(f"{proxy.url}/events", event(call, "call_started"))).status == 200
+            heard = await play_call(proxy.url, call, ["hola", "mi pedido"])
+            assert "Juan" in heard[0].sentences[0]
+            await asyncio.sleep(0.3)  # the turn count is written in the background
+            assert (await http_request(f"{proxy.url}/events", event(call, "call_ended"))).status == 200
+            for _ in range(50):
+                if len(api.received) >= 3:
+                    break
+                await asyncio.sleep(0.05)
+        env = clean_environ(STORE_URL=settings.store_url)
+        listing = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "avr_llm_proxy", "calls"],
+                                          env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    kinds = [body["type"] for body in api.received]
+    assert kinds == ["call_initiated", "call_started", "call_ended"]
+    ended = api.received[-1]
+    assert ended["caller_number"] == "+593987654321" and ended["called_number"] == "5551000" and ended["turns"] == 2
+    fields = dict(part.split("=", 1) for part in api.headers[-1]["X-Signature"].split(","))
+    expected = hmac.new(b"sign-secret", fields["t"].encode() + b"." + orjson.dumps(ended), hashlib.sha256).hexdigest()
+    assert fields["v1"] == expected
+    assert listing.returncode == 0, listing.stderr
+    row = next(line for line in listing.stdout.splitlines() if line.startswith(call))
+    assert "+593*****4321" in row and "avr-core" in row and row.rstrip().endswith("2")
+    assert "593987654321" not in listing.stdout
+
+
+async def test_call_ended_shortens_retention(tmp_path: Path) -> None:
+    """After call_ended the record expires within minutes instead of CALLER_TTL_SECONDS."""
+    call = str(uuidlib.uuid4())
+    settings = make_settings(tmp_path, caller_ttl_seconds=7200)
+    async with running_proxy(settings) as proxy:
+        await register_caller(proxy.url, call, "0987654321", None, None, "json")
+        await http_request(f"{proxy.url}/events", event(call, "call_ended"))
+    with sqlite3.connect(settings.sqlite_path or "") as conn:
+        (expires_at,) = conn.execute("SELECT expires_at FROM calls WHERE key = ?", (call,)).fetchone()
+    assert expires_at - time.time() < 301
+
+
+async def test_initiated_does_not_replace_a_dialplan_capture(tmp_path: Path) -> None:
+    """avr-core's payload (no presentation) never overrides what the dialplan captured (it may be withheld)."""
+    call = str(uuidlib.uuid4())
+    async with running_proxy(make_settings(tmp_path)) as proxy:
+        body = orjson.dumps({"uuid": call, "caller_number": "+593987654321", "presentation": "prohib"})
+        await http_request(f"{proxy.url}/call", body)
+        await http_request(f"{proxy.url}/events", event(call, "call_initiated", {"from": "+593987654321"}))
+        heard = await play_call(proxy.url, call, ["hola"])
+    assert "oculto" in " ".join(heard[0].sentences)

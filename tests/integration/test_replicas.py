@@ -1,0 +1,203 @@
+"""Several `serve` processes sharing state: Redis (database 15, cleaned before and after) and SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid as uuidlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from avr_llm_proxy.simulate import http_request, play_call, register_caller
+
+from ..conftest import FIXTURES, clean_environ, closed_port, running_api
+
+REDIS_URL = "redis://127.0.0.1:6379/15"
+KEY = "dGVzdC1rZXktMDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY="  # 32 bytes, shared by the replicas
+
+
+def redis_up(url: str = REDIS_URL) -> bool:
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    except redis.RedisError:
+        return False
+    return True
+
+
+def start_redis(command: list[str], url: str) -> subprocess.Popen[bytes]:
+    """A private redis-server, once it answers."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not redis_up(url):
+        assert time.monotonic() < deadline, "redis-server did not start"
+        time.sleep(0.05)
+    return process
+
+
+@pytest.fixture
+def clean_redis() -> Iterator[None]:
+    if not redis_up():
+        pytest.skip("Redis is not answering on 127.0.0.1:6379")
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    yield
+    redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+class Replica:
+    """One `avr-llm-proxy serve` process on its own HTTP and FastAGI ports."""
+
+    def __init__(self, workdir: Path, **env: str) -> None:
+        self.port, self.agi_port = closed_port(), closed_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = workdir
+        self.env = clean_environ(PORT=str(self.port), AGI_LISTEN=f"127.0.0.1:{self.agi_port}", CALLERID_DIR="",
+                                 ENCRYPTION_KEY=KEY, CALLER_WAIT_MS="3000", API_TIMEOUT_MS="30000",
+                                 API_FIRST_BYTE_TIMEOUT_MS="30000", API_CONNECT_TIMEOUT_MS="30000", **env)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> Replica:
+        self.process = await asyncio.to_thread(self._spawn)
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError):
+                if (await http_request(f"{self.url}/healthz", b"", method="GET", limit_s=2)).status == 200:
+                    return self
+            assert self.process.poll() is None and time.monotonic() < deadline, "serve did not start"
+            await asyncio.sleep(0.1)
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        with (self.workdir / f"serve-{self.port}.log").open("ab") as log:
+            return subprocess.Popen([sys.executable, "-m", "avr_llm_proxy", "serve"], cwd=self.workdir, env=self.env,
+                                    stderr=log, stdout=log)
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(20)
+
+
+@contextlib.asynccontextmanager
+async def replicas(workdir: Path, count: int, **env: str) -> AsyncIterator[list[Replica]]:
+    started = [await Replica(workdir, **env).start() for _ in range(count)]
+    try:
+        yield started
+    finally:
+        for replica in started:
+            replica.stop()
+
+
+async def agi_capture(port: int, number: str) -> str:
+    """A FastAGI session like Asterisk's; returns the UUID the proxy set."""
+    env = (FIXTURES / "agi-env-pjsip.txt").read_bytes().replace(b"agi_network_script: test",
+                                                                b"agi_network_script: callerid")
+    env = env.replace(b"+593987654321", number.encode()).replace(b"agi_arg_1: 858675a8-e2f7-4c71-ad18-2c76b7927da2\n",
+                                                                 b"")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(env)
+    call = ""
+    while line := await asyncio.wait_for(reader.readline(), 10):
+        if line.startswith(b"SET VARIABLE UUID"):
+            call = line.split(b'"')[1].decode()
+        writer.write(b"200 result=1 (allowed_not_screened)\n" if line.startswith(b"GET") else b"200 result=1\n")
+    writer.close()
+    return call
+
+
+async def greeting(url: str, call: str) -> str:
+    turns = await play_call(url, call, ["hola"])
+    assert turns[0].problems == [] and turns[0].status == 200
+    return turns[0].sentences[0]
+
+
+async def test_capture_on_one_replica_turns_on_another(tmp_path: Path, clean_redis: None) -> None:
+    """FastAGI on replica A, turns on replica B: the number is there, and a waiting turn wakes at once."""
+    async with running_api() as api, replicas(tmp_path, 2, STORE_URL=REDIS_URL, API_URL=api.url) as (a, b):
+        call = await agi_capture(a.agi_port, "+593987654321")
+        assert await greeting(b.url, call) == "Hola +593987654321."
+        # A turn on B that arrives before the capture on A waits for it (pub/sub), not for CALLER_WAIT_MS.
+        late = str(uuidlib.uuid4())
+        waiting = asyncio.create_task(greeting(b.url, late))
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        await register_caller(a.url, late, "+34612345678", None, None, "json")
+        assert await waiting == "Hola +34612345678." and time.monotonic() - started < 1.5
+
+
+async def test_replica_killed_mid_call(tmp_path: Path, clean_redis: None) -> None:
+    """Replica A dies after turn 1; the call's next turns on B still carry the number."""
+    async with running_api() as api, replicas(tmp_path, 2, STORE_URL=REDIS_URL, API_URL=api.url) as (a, b):
+        call = await agi_capture(a.agi_port, "+593987654321")
+        assert await greeting(a.url, call) == "Hola +593987654321."
+        a.kill()
+        assert await greeting(b.url, call) == "Hola +593987654321."
+        assert await greeting(b.url, call) == "Hola +593987654321."
+
+
+async def test_redis_restarted_mid_call(tmp_path: Path) -> None:
+    """A private Redis restarted (losing everything) mid-call: /readyz says so, turns keep their caller."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed")
+    port = closed_port()
+    command = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    url = f"redis://127.0.0.1:{port}/0"
+    private = await asyncio.to_thread(start_redis, command, url)
+    try:
+        async with running_api() as api, replicas(tmp_path, 1, STORE_URL=url, API_URL=api.url) as (proxy,):
+            call = await agi_capture(proxy.agi_port, "+593987654321")
+            assert await greeting(proxy.url, call) == "Hola +593987654321."
+            private.terminate()
+            private.wait(10)
+            ready = await http_request(f"{proxy.url}/readyz", b"", method="GET")
+            assert ready.status == 503 and b"unreachable" in b"".join(ready.chunks)
+            assert await greeting(proxy.url, call) == "Hola +593987654321."  # Redis down
+            private = await asyncio.to_thread(start_redis, command, url)
+            assert await greeting(proxy.url, call) == "Hola +593987654321."  # Redis back, empty
+            assert redis.Redis.from_url(url).exists(f"avrlp:call:{call}")  # and healed
+            ready = await http_request(f"{proxy.url}/readyz", b"", method="GET")
+            assert ready.status == 200
+    finally:
+        private.terminate()
+        private.wait(10)
+
+
+async def test_serve_restarted_mid_call_with_sqlite(tmp_path: Path) -> None:
+    """serve killed and started again on the same SQLite file: the next turn still carries the number."""
+    async with running_api() as api:
+        env = {"STORE_URL": f"sqlite:///{tmp_path / 'calls.db'}", "API_URL": api.url}
+        async with replicas(tmp_path, 1, **env) as (first,):
+            call = await agi_capture(first.agi_port, "+593987654321")
+            assert await greeting(first.url, call) == "Hola +593987654321."
+            first.kill()
+        env.pop("STORE_URL")
+        async with replicas(tmp_path, 1, STORE_URL=f"sqlite:///{tmp_path / 'calls.db'}", **env) as (second,):
+            assert await greeting(second.url, call) == "Hola +593987654321."
+
+
+async def test_1000_calls_over_two_replicas(tmp_path: Path, clean_redis: None) -> None:
+    """1,000 concurrent calls, captured on one replica and spoken on the other at random: none misattributed."""
+    async with running_api() as api, replicas(tmp_path, 2, STORE_URL=REDIS_URL, API_URL=api.url) as pair:
+        numbers = {str(uuidlib.uuid4()): f"+59398{index:07d}" for index in range(1000)}
+        limit = asyncio.Semaphore(200)
+
+        async def one(index: int, call: str, number: str) -> str:
+            async with limit:
+                await register_caller(pair[index % 2].url, call, number, None, None, "json")
+                return await greeting(pair[(index + 1) % 2].url, call)
+
+        heard = await asyncio.gather(*(one(i, call, number) for i, (call, number) in enumerate(numbers.items())))
+    assert heard == [f"Hola {number}." for number in numbers.values()]
+    assert {payload["conversation_id"]: payload["caller_number"] for payload in api.received} == numbers
