@@ -149,3 +149,4 @@ class RedisStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
         await self._client.aclose()
+        await self._client.connection_pool.disconnect()  # a pool passed in is not closed by aclose()
