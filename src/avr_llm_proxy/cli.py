@@ -7,13 +7,16 @@ import asyncio
 import os
 import socket
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 from .config import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
-    from .calls import CallRecord
+    from .calls import CallRegistry
+
+T = TypeVar("T")
 
 
 def _settings(**overrides: object) -> Settings:
@@ -159,14 +162,32 @@ def check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def forget(args: argparse.Namespace) -> int:
-    """Erase every record of one number: the store (by its keyed hash) and legacy caller files."""
+def _on_registry(settings: Settings, action: Callable[[CallRegistry], Awaitable[T]]) -> T | None:
+    """Run one registry action against the configured store; None (reported) when the store fails."""
     from .app import keys_for
     from .calls import CallRegistry
+    from .stores import StoreError, open_store
+
+    async def run() -> T:
+        store = open_store(settings.store_url)
+        try:
+            keys = keys_for(settings)
+            return await action(CallRegistry(store, settings.caller_ttl_seconds, (), keys.sealer, keys.hash_key))
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(run())
+    except StoreError as exc:
+        print(f"avr-llm-proxy: {exc}", file=sys.stderr)
+        return None
+
+
+def forget(args: argparse.Namespace) -> int:
+    """Erase every record of one number: the store (by its keyed hash) and legacy caller files."""
     from .capture.files import LegacyCallerFiles
     from .identity import parse_caller
     from .privacy import mask_number
-    from .stores import StoreError, open_store
 
     settings = _settings()
     caller = parse_caller(args.number, source="forget", region=args.region or settings.default_region)
@@ -179,19 +200,8 @@ def forget(args: argparse.Namespace) -> int:
               "record", file=sys.stderr)
         return 1
 
-    async def erase() -> int:
-        store = open_store(settings.store_url)
-        try:
-            keys = keys_for(settings)
-            return await CallRegistry(store, settings.caller_ttl_seconds, (), keys.sealer, keys.hash_key) \
-                .forget_number(caller)
-        finally:
-            await store.close()
-
-    try:
-        erased = asyncio.run(erase())
-    except StoreError as exc:
-        print(f"avr-llm-proxy: {exc}", file=sys.stderr)
+    erased = _on_registry(settings, lambda registry: registry.forget_number(caller))
+    if erased is None:
         return 1
     files = 0
     if settings.callerid_dir:
@@ -207,29 +217,15 @@ def calls(args: argparse.Namespace) -> int:
     import datetime
 
     from .app import keys_for
-    from .calls import CallRegistry
     from .privacy import number_redactor
-    from .stores import StoreError, open_store
 
     settings = _settings()
     if settings.store_url == "memory://":
         print("avr-llm-proxy: the memory store lives inside the serving process; see GET /debug", file=sys.stderr)
         return 1
-    keys = keys_for(settings)
-    redact = number_redactor(settings.log_numbers, keys.hash_key)
-
-    async def newest() -> list[CallRecord]:
-        store = open_store(settings.store_url)
-        try:
-            return await CallRegistry(store, settings.caller_ttl_seconds, (), keys.sealer, keys.hash_key) \
-                .newest(args.limit)
-        finally:
-            await store.close()
-
-    try:
-        records = asyncio.run(newest())
-    except StoreError as exc:
-        print(f"avr-llm-proxy: {exc}", file=sys.stderr)
+    redact = number_redactor(settings.log_numbers, keys_for(settings).hash_key)
+    records = _on_registry(settings, lambda registry: registry.newest(args.limit))
+    if records is None:
         return 1
 
     def when(stamp: float | None) -> str:
