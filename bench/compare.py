@@ -1,0 +1,124 @@
+"""Side by side in one run: the seed's Node proxy and avr-llm-proxy (one process, then --workers N).
+
+All targets post avr-core-shaped turns to the same fast fake business API (bench/fake_api.py, measured
+alone first to show it is not the bottleneck), with the same load generator: wrk and
+bench/wrk-turns.lua where wrk is installed, otherwise this repository's asyncio keep-alive generator.
+A caller is registered for every call (a legacy caller file for the seed, POST /call for us), so our
+proxy does its full work. After each of our runs a short pass with the checking generator reads every
+reply the way avr-core does; a wrong turn fails the run.
+
+Usage: python bench/compare.py [--seconds 10] [--connections 50] [--workers 2]
+The seed's proxy comes from ../shared/baseline/seed-node-proxy (SEED_DIR to point elsewhere); it is
+copied to a temporary folder and installed with `npm ci`. Without node or that folder it is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid as uuidlib
+from pathlib import Path
+
+import orjson
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from turns import Connection, free_port, saturate, started  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+SEED = Path(os.environ.get("SEED_DIR", HERE.parent.parent / "shared" / "baseline" / "seed-node-proxy"))
+
+
+def wrk(url: str, uuids: Path, seconds: float, connections: int) -> tuple[float, float, float]:
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "-s",
+                          str(HERE / "wrk-turns.lua"), url, "--", str(uuids)],
+                         capture_output=True, text=True, timeout=seconds + 60).stdout
+
+    def latency(label: str) -> float:
+        match = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out)
+        if not match:
+            return float("nan")
+        return float(match.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
+
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    return rate, latency("50"), latency("99")
+
+
+async def register(port: int, calls: list[str]) -> None:
+    connection = Connection(port)
+    for index, call in enumerate(calls):
+        await connection.post("/call", orjson.dumps({"uuid": call, "caller_number": f"+59398{index:07d}"}))
+    await connection.close()
+
+
+def drive(port: int, check: bool, uuids: Path, args: argparse.Namespace) -> tuple[float, float, float, int]:
+    """Turns/s, p50, p99 (ms) and, with `check`, the turns avr-core would not have heard right."""
+    if shutil.which("wrk"):
+        rate, p50, p99 = wrk(f"http://127.0.0.1:{port}", uuids, args.seconds, args.connections)
+    else:
+        rate, tally = uvloop.run(saturate(port, args.connections, args.seconds))
+        p50, p99 = tally.pct(0.5), tally.pct(0.99)
+    wrong = 0
+    if check:
+        _, checked = uvloop.run(saturate(port, 10, 2))
+        wrong = len(checked.wrong)
+    return rate, p50, p99, wrong
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    args = parser.parse_args()
+    rows: list[tuple[str, float, float, float, int]] = []
+    with tempfile.TemporaryDirectory() as workdir:
+        work = Path(workdir)
+        uuids = work / "uuids.txt"
+        calls = [str(uuidlib.uuid4()) for _ in range(args.connections * 4)]
+        uuids.write_text("\n".join(calls) + "\n")
+        api_port = free_port()
+        with started([sys.executable, str(HERE / "fake_api.py"), str(api_port)], api_port):
+            if shutil.which("wrk"):
+                alone = wrk(f"http://127.0.0.1:{api_port}/api", uuids, min(args.seconds, 5), args.connections)
+                rows.append(("fake business API alone", *alone, 0))
+            if shutil.which("node") and shutil.which("npm") and SEED.is_dir():
+                seed_dir = work / "seed"
+                shutil.copytree(SEED, seed_dir)
+                subprocess.run(["npm", "ci", "--silent", "--no-audit", "--no-fund"], cwd=seed_dir, check=True,
+                               capture_output=True, timeout=300)
+                for index, call in enumerate(calls):
+                    (work / f"callerid-{call}.txt").write_text(f"+59398{index:07d}\n")
+                port = free_port()
+                env = {"QUIET": "1", "PORT": str(port), "API_URL": f"http://127.0.0.1:{api_port}/api",
+                       "CALLERID_DIR": workdir}
+                with started(["node", "server.js"], port, env, str(seed_dir)):
+                    rows.append(("seed Node proxy", *drive(port, False, uuids, args)))
+            else:
+                print(f"seed proxy skipped: needs node, npm and {SEED}")
+            for label, extra in (("avr-llm-proxy, 1 process", []),
+                                 (f"avr-llm-proxy, --workers {args.workers}", ["--workers", str(args.workers)])):
+                port = free_port()
+                env = {"PORT": str(port), "API_URL": f"http://127.0.0.1:{api_port}/api", "CALLERID_DIR": "",
+                       "AGI_LISTEN": "", "STORE_URL": f"sqlite:///{workdir}/calls-{port}.db"}
+                with started([sys.executable, "-m", "avr_llm_proxy", "serve", *extra], port, env, workdir):
+                    uvloop.run(register(port, calls))
+                    rows.append((label, *drive(port, True, uuids, args)))
+    seed = next((row[1] for row in rows if row[0] == "seed Node proxy"), None)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"load: {'wrk' if shutil.which('wrk') else 'asyncio generator'}, {args.connections} connections")
+    print(f"{'target':<34} {'turns/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs seed':>8} {'wrong':>6}")
+    for label, rate, p50, p99, wrong in rows:
+        ratio = f"{rate / seed:.2f}x" if seed and "proxy" in label else ""
+        print(f"{label:<34} {rate:>9.0f} {p50:>8.2f} {p99:>8.2f} {ratio:>8} {wrong:>6}")
+    return 1 if any(row[4] for row in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
