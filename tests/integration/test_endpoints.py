@@ -79,3 +79,13 @@ async def test_readyz_reports_broken_store(tmp_path: Path) -> None:
         assert ready.status == 503 and b"unusable" in b"".join(ready.chunks)
         turn = await play_call(proxy.url, str(uuidlib.uuid4()), ["hola"])
         assert turn[0].status == 200 and turn[0].problems == []
+
+
+async def test_oversized_headers_are_refused(tmp_path: Path) -> None:
+    """More than 32 KiB of headers is a 431 on every endpoint, and the service goes on."""
+    async with running_proxy(make_settings(tmp_path)) as proxy:
+        headers = {f"X-Junk-{index}": "x" * 1000 for index in range(40)}
+        refused = await http_request(f"{proxy.url}/call", b"{}", headers=headers)
+        assert refused.status == 431
+        healthy = await http_request(f"{proxy.url}/healthz", b"", method="GET")
+        assert healthy.status == 200
