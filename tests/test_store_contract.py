@@ -124,3 +124,19 @@ async def test_wait_across_processes(store: Store, tmp_path: Path) -> None:
         assert time.monotonic() - started < 2
     finally:
         await other.close()
+
+
+async def test_redis_tag_set_lives_as_long_as_its_longest_call() -> None:
+    """A short-lived call of a number never shortens the erasure index of a longer one."""
+    if not redis_available():
+        pytest.skip("Redis is not answering on 127.0.0.1:6379")
+    clean_redis()
+    store = open_store(REDIS_URL)
+    try:
+        await store.put("long", b"v", time.time() + 3600, "tag1")
+        await store.put("short", b"v", time.time() + 5, "tag1")
+        ttl_ms = redis.Redis.from_url(REDIS_URL).pttl("avrlp:tag:tag1")
+        assert ttl_ms > 3000 * 1000
+    finally:
+        await store.close()
+        clean_redis()

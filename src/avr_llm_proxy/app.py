@@ -67,7 +67,7 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
     files = LegacyCallerFiles(settings.callerid_dir, settings.caller_ttl_seconds, settings.default_region,
                               settings.file_owners) if settings.callerid_dir else None
     registry = CallRegistry(store, settings.caller_ttl_seconds, [files.find] if files else [], keys.sealer,
-                            keys.hash_key)
+                            keys.hash_key, keys.older_hash_keys)
     upstream = choose_upstream(settings)
     turns = Turns(
         registry,

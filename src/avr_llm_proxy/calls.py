@@ -26,6 +26,7 @@ from .stores import Store, StoreError
 log = structlog.get_logger("avr_llm_proxy.calls")
 
 MAX_KEPT = 50_000
+STORE_READ_DEADLINE_S = 1.0
 
 @dataclass(frozen=True, slots=True)
 class CallRecord:
@@ -108,17 +109,19 @@ class CallRegistry:
         late_sources: Sequence[LateSource] = (),
         sealer: Sealer | None = None,
         hash_key: bytes = b"",
+        older_hash_keys: Sequence[bytes] = (),
     ) -> None:
         self.store = store
         self.ttl_seconds = ttl_seconds
         # Durable stores hold records sealed (AES-GCM), and a keyed hash of the number for erasure.
         self.sealer = sealer if store.durable else None
         self.hash_key = hash_key
+        self.older_hash_keys = tuple(older_hash_keys)
         # Records this process captured or served, kept while their call lives: when the shared store
         # loses them (a Redis restart, a connection cut) the call still has its caller, and the
         # store is healed from here. Bounded; never consulted when the store has the record.
         self._kept: OrderedDict[str, CallRecord] = OrderedDict()
-        self._keep = store.durable
+        self._keep = store.volatile
         self.recent = RecentCalls()
         self._late_sources = tuple(late_sources)
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
@@ -143,6 +146,9 @@ class CallRegistry:
         return record
 
     def _wake(self, uuid: str) -> None:
+        if uuid.startswith("-"):  # erased by another process
+            self._kept.pop(uuid[1:], None)
+            return
         for waiter in self._waiters.pop(uuid, ()):
             if not waiter.done():
                 waiter.set_result(None)
@@ -161,10 +167,11 @@ class CallRegistry:
             CAPTURES.labels(source=stored.caller.source).inc()
         return stored
 
-    def number_tag(self, caller: CallerId) -> str | None:
+    def number_tag(self, caller: CallerId, key: bytes | None = None) -> str | None:
         """The keyed hash a record is found by when its number must be erased."""
         number = caller.e164 or caller.raw
-        return hash_number(number, self.hash_key) if number and self.hash_key else None
+        key = key or self.hash_key
+        return hash_number(number, key) if number and key else None
 
     async def _save(self, record: CallRecord, replace: bool = True, ttl: float | None = None) -> CallRecord | None:
         stored = dataclasses.replace(record, expires_at=time.time() + (self.ttl_seconds if ttl is None else ttl))
@@ -179,11 +186,13 @@ class CallRegistry:
     async def get(self, uuid: str) -> CallRecord | None:
         """The record from the store, else from a late source (then kept in the store)."""
         try:
-            data = await self.store.get(uuid)
-        except StoreError:
+            # A store that stops answering must not keep the caller in silence: its reads get a deadline.
+            async with asyncio.timeout(STORE_READ_DEADLINE_S):
+                data = await self.store.get(uuid)
+        except (StoreError, TimeoutError) as exc:
             kept = self._kept_record(uuid)
             if kept is None:
-                raise
+                raise exc if isinstance(exc, StoreError) else StoreError("store read timed out") from exc
             return kept
         if data is not None:
             try:
@@ -232,8 +241,8 @@ class CallRegistry:
                 del self._waiters[uuid]
 
     async def touch(self, record: CallRecord) -> CallRecord:
-        """Keep a long call's record alive: renew its expiry once half the TTL has passed."""
-        if record.expires_at - time.time() > self.ttl_seconds / 2:
+        """Keep a long call's record alive: renew its expiry once half the TTL has passed (not after its end)."""
+        if record.ended_at is not None or record.expires_at - time.time() > self.ttl_seconds / 2:
             return record
         return await self._save(record) or record
 
@@ -257,10 +266,10 @@ class CallRegistry:
 
     async def forget_number(self, caller: CallerId) -> int:
         """Erase every record of this caller's number; returns how many went."""
-        tag = self.number_tag(caller)
-        for uuid in [uuid for uuid, record in self._kept.items() if self.number_tag(record.caller) == tag]:
+        tags = {self.number_tag(caller, key) for key in (self.hash_key, *self.older_hash_keys)} - {None}
+        for uuid in [uuid for uuid, record in self._kept.items() if self.number_tag(record.caller) in tags]:
             del self._kept[uuid]
-        return await self.store.delete_tagged(tag) if tag else 0
+        return sum([await self.store.delete_tagged(tag) for tag in tags if tag])
 
     async def purge_expired(self) -> int:
         return await self.store.purge_expired(time.time())

@@ -172,7 +172,8 @@ def _on_registry(settings: Settings, action: Callable[[CallRegistry], Awaitable[
         store = open_store(settings.store_url)
         try:
             keys = keys_for(settings)
-            return await action(CallRegistry(store, settings.caller_ttl_seconds, (), keys.sealer, keys.hash_key))
+            return await action(CallRegistry(store, settings.caller_ttl_seconds, (), keys.sealer, keys.hash_key,
+                                             keys.older_hash_keys))
         finally:
             await store.close()
 

@@ -12,7 +12,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 import phonenumbers
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .privacy import parse_keys
@@ -176,6 +176,13 @@ class Settings(BaseSettings):
             if not part.isdigit():
                 raise ValueError("must be comma-separated numeric user ids, e.g. 0,1000")
         return value
+
+    @model_validator(mode="after")
+    def _shared_store_needs_key(self) -> Settings:
+        if self.store_url.startswith(("redis://", "rediss://")) and not self.encryption_key:
+            raise ValueError("STORE_URL=redis://… needs ENCRYPTION_KEY, the same on every replica "
+                             "(openssl rand -base64 32): records in Redis are sealed with it")
+        return self
 
     @property
     def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

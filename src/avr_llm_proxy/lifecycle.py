@@ -116,8 +116,12 @@ class Lifecycle:
 
     def enriched(self, event: Event, record: CallRecord | None) -> dict[str, Any]:
         caller = record.caller if record else None
+        payload = event.payload
+        if caller is None or caller.presentation != "allowed":
+            # avr-core's payload repeats the number Asterisk had; a withheld one must not leave with it.
+            payload = {key: value for key, value in payload.items() if key not in ("from", "callerid", "caller_number")}
         return {
-            "uuid": event.uuid, "type": event.type, "timestamp": event.timestamp, "payload": event.payload,
+            "uuid": event.uuid, "type": event.type, "timestamp": event.timestamp, "payload": payload,
             "caller_number": caller.caller_number(self.number_format) if caller else "unknown",
             "caller_name": caller.name if caller else None,
             "caller": {"presentation": caller.presentation, "source": caller.source, "e164": caller.e164}

@@ -90,7 +90,9 @@ class Sealer:
         self._keys = {key_id: AESGCM(key) for key_id, key in keys}
         self._primary_id = keys[0][0]
         self._primary = self._keys[self._primary_id]
-        self.hash_key = hmac.new(keys[0][1], b"avr-llm-proxy number hash", hashlib.sha256).digest()
+        # One number-hash key per encryption key: records tagged under an older key stay erasable.
+        self.hash_keys = [hmac.new(key, b"avr-llm-proxy number hash", hashlib.sha256).digest() for _, key in keys]
+        self.hash_key = self.hash_keys[0]
 
     def seal(self, data: bytes) -> bytes:
         nonce = os.urandom(12)
@@ -155,6 +157,8 @@ class Keys:
     hash_key: bytes
     created: Path | None = None
     note: str = ""
+    #: Hash keys of older encryption keys, still tried when erasing by number.
+    older_hash_keys: tuple[bytes, ...] = ()
 
 
 def resolve_keys(encryption_key: str, hash_key: str, key_dir: Path | None) -> Keys:
@@ -171,6 +175,6 @@ def resolve_keys(encryption_key: str, hash_key: str, key_dir: Path | None) -> Ke
     if hash_key:
         return Keys(sealer, hash_key.encode(), created)
     if sealer is not None:
-        return Keys(sealer, sealer.hash_key, created)
+        return Keys(sealer, sealer.hash_key, created, older_hash_keys=tuple(sealer.hash_keys[1:]))
     note = "no HASH_KEY or ENCRYPTION_KEY: number hashes change when the process restarts"
     return Keys(None, os.urandom(32), created, note)

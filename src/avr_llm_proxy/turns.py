@@ -63,6 +63,7 @@ class TurnPolicy:
 class _Flight:
     """A turn of this process still in progress, so a newer turn of the same call can supersede it."""
 
+    turn: int = 0
     queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     speaking: bool = False
     superseded: bool = False
@@ -145,13 +146,22 @@ class Turns:
             log.info("caller_not_captured", uuid=turn.uuid, waited_ms=round(self.policy.caller_wait_s * 1000))
         return record
 
-    def _take_off(self, uuid: str) -> _Flight:
-        """Register this turn; an older turn of the call still waiting for the API gives way to it."""
-        older = self._flights.get(uuid)
-        if older is not None and not older.speaking and not self.policy.keep_stale_turns:
-            older.superseded = True
-            older.queue.put_nowait(_SUPERSEDED)
-        flight = _Flight()
+    def _take_off(self, uuid: str, turn: int) -> _Flight:
+        """Register this turn; an earlier turn of the call still waiting for the API gives way to it.
+
+        Earlier means a lower turn number (avr-core's history), not an earlier arrival here: the store
+        look-up before this point may take longer for one turn than for the next.
+        """
+        flight = _Flight(turn=turn)
+        other = self._flights.get(uuid)
+        if other is not None and not self.policy.keep_stale_turns:
+            if other.turn < turn and not other.speaking:
+                other.superseded = True
+                other.queue.put_nowait(_SUPERSEDED)
+            elif other.turn > turn:
+                flight.superseded = True  # this one is the stale one: it says nothing
+                flight.queue.put_nowait(_SUPERSEDED)
+                return flight
         self._flights[uuid] = flight
         return flight
 
@@ -178,7 +188,7 @@ class Turns:
             uuid=turn.uuid, turn=turn.turn, text=turn.message, record=record, phone=self.policy.phone_for(record),
             number_format=self.policy.number_format, history=turn.history,
         )
-        flight = self._take_off(turn.uuid)
+        flight = self._take_off(turn.uuid, turn.turn)
         outcome = _Outcome()
         try:
             async for chunk in self._speak(request, flight, outcome, started):
@@ -198,11 +208,17 @@ class Turns:
         self, request: UpstreamRequest, flight: _Flight, outcome: _Outcome, started: float
     ) -> AsyncIterator[bytes]:
         breaker = self.upstream.breaker
+        if flight.superseded:
+            outcome.status = "superseded"
+            TURNS.labels(outcome="superseded").inc()
+            log.info("turn_superseded", uuid=request.uuid, turn=request.turn)
+            return
         if not breaker.allow():
             self._failed(request, outcome, UpstreamError("circuit_open", detail="the API failed repeatedly"), 0.0)
             for chunk in self._fallback:
                 yield chunk
             return
+        verdict = False  # every turn let through gives the breaker a success, a failure, or its probe back
         info = AnswerInfo()
         asked = time.perf_counter()
         pump = asyncio.create_task(self._pump(request, info, flight.queue))
@@ -222,7 +238,6 @@ class Turns:
                         yield chunk
                     continue
                 if item is _SUPERSEDED:
-                    breaker.release()
                     outcome.status = "superseded"
                     TURNS.labels(outcome="superseded").inc()
                     log.info("turn_superseded", uuid=request.uuid, turn=request.turn)
@@ -237,7 +252,10 @@ class Turns:
                 if isinstance(item, BaseException):
                     error = item if isinstance(item, UpstreamError) else UpstreamError("upstream_bug", None, repr(item))
                     upstream_ms = (time.perf_counter() - asked) * 1000
-                    if error.reason != "empty_answer":
+                    verdict = True
+                    if error.reason == "empty_answer":
+                        breaker.success()  # the API answered: reachable and well, just silent
+                    else:
                         breaker.failure()
                     self._failed(request, outcome, error, upstream_ms)
                     # Sentences already spoken stand; the unfinished one is said as it is, else the apology.
@@ -245,6 +263,8 @@ class Turns:
                     for chunk in [frame(text) for text in texts] or ([] if outcome.sentences else self._fallback):
                         yield chunk
                     return
+                if texts:
+                    filler_due = False  # the caller is hearing the answer: no filler in the middle of it
                 for text in texts:
                     if outcome.first_ms is None:
                         outcome.first_ms = round((time.perf_counter() - started) * 1000, 1)
@@ -253,6 +273,7 @@ class Turns:
                     outcome.sentences += 1
                     yield frame(text)
                 if item is _END:
+                    verdict = True
                     breaker.success()
                     outcome.upstream_ms = (time.perf_counter() - asked) * 1000
                     outcome.status = str(info.status or "ok")
@@ -260,6 +281,8 @@ class Turns:
                     TURNS.labels(outcome="answered").inc()
                     return
         finally:
+            if not verdict:
+                breaker.release()
             if not pump.done():
                 pump.cancel()
 
@@ -268,8 +291,11 @@ class Turns:
 
         async def update() -> None:
             try:
-                await self.registry.update(dataclasses.replace(record, turns=turns),
-                                           ttl=max(1.0, record.expires_at - time.time()))
+                # Read again: call_ended (or a later turn) may have changed the record since this turn began.
+                fresh = await self.registry.get(record.uuid)
+                if fresh is not None and turns > fresh.turns:
+                    await self.registry.update(dataclasses.replace(fresh, turns=turns),
+                                               ttl=max(1.0, fresh.expires_at - time.time()))
             except StoreError as exc:
                 log.info("turn_count_not_stored", uuid=record.uuid, reason=str(exc))
 

@@ -23,9 +23,11 @@ FALLBACK = sentences(DEFAULT_FALLBACK)
 Handler = Any
 
 
-def turn_body(call: str | None = None, said: str = "hola") -> bytes:
+def turn_body(call: str | None = None, said: str = "hola", turn: int = 1) -> bytes:
+    """avr-core's body for the caller's `turn`-th utterance (the history holds one user entry per turn)."""
+    history = [{"role": "user", "content": f"antes {index}"} for index in range(turn - 1)]
     return orjson.dumps({"uuid": call or str(uuidlib.uuid4()), "message": said,
-                         "messages": [{"role": "user", "content": said}]})
+                         "messages": [*history, {"role": "user", "content": said}]})
 
 
 async def timed_turn(url: str, body: bytes) -> tuple[list[str], list[float], float]:
@@ -251,12 +253,29 @@ async def test_overlapping_turns_only_newest_is_spoken(tmp_path: Path) -> None:
     async with running_api() as api:
         api.custom = slow_first
         async with running_proxy(make_settings(tmp_path, api_url=api.url, caller_wait_ms=0)) as proxy:
-            first = asyncio.create_task(timed_turn(proxy.url, turn_body(call, "uno")))
+            first = asyncio.create_task(timed_turn(proxy.url, turn_body(call, "uno", 1)))
             await asyncio.sleep(0.3)
-            second = await timed_turn(proxy.url, turn_body(call, "dos"))
+            second = await timed_turn(proxy.url, turn_body(call, "dos", 2))
             stale = await first
     assert second[0] == ["Respuesta a dos."]
     assert stale[0] == [] and stale[1] == []
+
+
+async def test_overlap_is_decided_by_turn_number(tmp_path: Path) -> None:
+    """A turn that arrives after a later turn of its call (a slow look-up, a retry) is the stale one."""
+    async def answer(request: web.Request, payload: dict[str, Any]) -> web.StreamResponse:
+        await asyncio.sleep(0.8 if payload["text"] == "dos" else 0.1)
+        return web.json_response({"message": f"Respuesta a {payload['text']}."})
+
+    call = str(uuidlib.uuid4())
+    async with running_api() as api:
+        api.custom = answer
+        async with running_proxy(make_settings(tmp_path, api_url=api.url, caller_wait_ms=0)) as proxy:
+            newer = asyncio.create_task(timed_turn(proxy.url, turn_body(call, "dos", 2)))
+            await asyncio.sleep(0.2)
+            older = await timed_turn(proxy.url, turn_body(call, "uno", 1))
+            assert (await newer)[0] == ["Respuesta a dos."]
+    assert older[0] == [] and [payload["text"] for payload in api.received] == ["dos"]
 
 
 async def test_keep_stale_turns(tmp_path: Path) -> None:
@@ -270,9 +289,9 @@ async def test_keep_stale_turns(tmp_path: Path) -> None:
         api.custom = slow_first
         settings = make_settings(tmp_path, api_url=api.url, caller_wait_ms=0, keep_stale_turns=True)
         async with running_proxy(settings) as proxy:
-            first = asyncio.create_task(timed_turn(proxy.url, turn_body(call, "uno")))
+            first = asyncio.create_task(timed_turn(proxy.url, turn_body(call, "uno", 1)))
             await asyncio.sleep(0.3)
-            second = await timed_turn(proxy.url, turn_body(call, "dos"))
+            second = await timed_turn(proxy.url, turn_body(call, "dos", 2))
             stale = await first
     assert second[0] == ["Respuesta a dos."] and stale[0] == ["Respuesta a uno."]
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from ..access import Network, bearer, client_in, token_matches
-from ..calls import CallRegistry
+from ..calls import CallRecord, CallRegistry
 from ..lifecycle import EventError, Lifecycle, parse_event
 from ..observability import REJECTED
 from ..stores import StoreError
@@ -70,6 +70,8 @@ def capture_router(
             return refuse(exc.reason, exc.status)
         try:
             stored = await registry.put(record) if with_token else await registry.add(record)
+            if stored is None and await _may_replace(registry, record):
+                stored = await registry.put(record)
         except StoreError as exc:
             log.error("capture_not_stored", uuid=record.uuid, reason=str(exc))
             return refuse("store_unavailable", 503)
@@ -112,6 +114,18 @@ def capture_router(
         return JSONResponse({"status": "ok"})
 
     return router
+
+
+async def _may_replace(registry: CallRegistry, record: CallRecord) -> bool:
+    """A capture without the token may still replace one that knew less, or be more private.
+
+    avr-core's own payload carries no presentation, and a withheld caller's capture only removes a
+    number: neither can be used to attach a false number to someone else's call.
+    """
+    if record.caller.presentation == "withheld":
+        return True
+    existing = await registry.get(record.uuid)
+    return existing is not None and existing.caller.source == "avr-core" and record.caller.source != "avr-core"
 
 
 def _client(request: Request) -> str:

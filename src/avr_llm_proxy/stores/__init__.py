@@ -15,8 +15,11 @@ class Store(Protocol):
 
     #: How often a waiter should re-read when another process may write (None: local writes only).
     poll_interval: float | None
-    #: Whether values reach a disk (then calls.py seals them).
+    #: Whether values leave the process (then calls.py seals them).
     durable: bool
+    #: Whether the store may lose live values (a Redis restart without persistence): then processes keep
+    #: a copy of the calls they serve and write it back.
+    volatile: bool
 
     async def put(self, key: str, value: bytes, expires_at: float, tag: str | None = None, replace: bool = True,
                   ) -> bool:
@@ -35,7 +38,8 @@ class Store(Protocol):
         ...
 
     def listen(self, on_key: Callable[[str], None]) -> None:
-        """Have `on_key(key)` called for puts made by other processes, where the store can tell."""
+        """Have `on_key(key)` called for puts made by other processes, and `on_key("-" + key)` for
+        values they deleted, where the store can tell."""
         ...
 
     async def get(self, key: str) -> bytes | None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 class MemoryStore:
     poll_interval: float | None = None
     durable = False
+    volatile = False
 
     def __init__(self, max_entries: int = 1_000_000) -> None:
         self._data: dict[str, tuple[float, bytes, str | None]] = {}

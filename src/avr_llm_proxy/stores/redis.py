@@ -44,6 +44,7 @@ class RedisStore:
     # Waiters are woken by pub/sub; the poll is only a safety net for a lost message.
     poll_interval: float | None = 0.5
     durable = True
+    volatile = True
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -65,8 +66,10 @@ class RedisStore:
                 return False
             async with self._client.pipeline(transaction=False) as pipe:
                 if tag:
+                    # The set lives as long as the number's longest-living call: set once, only ever extended.
                     pipe.sadd(PREFIX + "tag:" + tag, key)
-                    pipe.pexpire(PREFIX + "tag:" + tag, ttl_ms)
+                    pipe.pexpire(PREFIX + "tag:" + tag, ttl_ms, nx=True)
+                    pipe.pexpire(PREFIX + "tag:" + tag, ttl_ms, gt=True)
                 pipe.zadd(RECENT, {key: expires_at})
                 pipe.zremrangebyrank(RECENT, 0, -RECENT_SIZE - 1)
                 pipe.publish(CHANNEL, key)
@@ -84,17 +87,23 @@ class RedisStore:
 
     async def delete(self, key: str) -> bool:
         try:
-            return bool(await self._client.delete(PREFIX + "call:" + key))
+            deleted = bool(await self._client.delete(PREFIX + "call:" + key))
+            await self._client.publish(CHANNEL, "-" + key)
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis delete failed: {type(exc).__name__}: {exc}") from exc
+        return deleted
 
     async def delete_tagged(self, tag: str) -> int:
         try:
             keys = [_text(member) for member in await self._client.smembers(PREFIX + "tag:" + tag)]
             deleted = int(await self._client.delete(*[PREFIX + "call:" + key for key in keys])) if keys else 0
-            await self._client.delete(PREFIX + "tag:" + tag)
-            if keys:
-                await self._client.zrem(RECENT, *keys)
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.delete(PREFIX + "tag:" + tag)
+                if keys:
+                    pipe.zrem(RECENT, *keys)
+                for key in keys:
+                    pipe.publish(CHANNEL, "-" + key)  # replicas drop their copies: erased means erased
+                await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis erase failed: {type(exc).__name__}: {exc}") from exc
         return deleted

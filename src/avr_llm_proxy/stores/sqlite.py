@@ -39,6 +39,7 @@ class SqliteStore:
     # Another worker process may write a record a turn here is waiting for.
     poll_interval: float | None = 0.02
     durable = True
+    volatile = False
 
     def __init__(self, path: str) -> None:
         self.path = path
