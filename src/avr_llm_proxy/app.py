@@ -21,7 +21,7 @@ from .calls import CallRegistry
 from .capture.agi import FastAgiServer
 from .capture.ami import AmiListener
 from .capture.files import LegacyCallerFiles
-from .capture.routes import capture_router
+from .capture.routes import ClientGone, capture_router, read_body
 from .config import Settings
 from .demo_api import DemoApi
 from .lifecycle import Lifecycle
@@ -205,10 +205,6 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-class _Disconnected(Exception):
-    """The client went away before its request body was complete."""
-
-
 class PromptStreamRoute:
     """avr-core's `POST /prompt-stream`, served on raw ASGI in front of the framework.
 
@@ -233,8 +229,8 @@ class PromptStreamRoute:
             return
         headers = dict(scope["headers"])
         try:
-            body = await self._body(headers.get(b"content-length", b""), receive)
-        except _Disconnected:
+            body = await read_body(receive, headers.get(b"content-length", b""), self.max_body)
+        except ClientGone:
             return
         header_uuid = headers.get(b"x-uuid")
         if body is None:
@@ -242,25 +238,6 @@ class PromptStreamRoute:
         else:
             frames = self.turns.handle(body, header_uuid.decode("latin-1") if header_uuid else None)
         await _stream(frames, send)
-
-    async def _body(self, declared: bytes, receive: Receive) -> bytes | None:
-        """The request body, or None once it passes the cap (the rest is not read)."""
-        if declared.isdigit() and int(declared) > self.max_body:
-            return None
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                raise _Disconnected
-            part = message.get("body", b"")
-            size += len(part)
-            if size > self.max_body:
-                return None
-            parts.append(part)
-            if not message.get("more_body", False):
-                return b"".join(parts)
-
 
 _STREAM_HEADERS = [(b"content-type", b"application/json")]
 

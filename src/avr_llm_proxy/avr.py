@@ -8,7 +8,9 @@ Reply: exactly one `{"type":"text","content":…}` object per HTTP chunk; anythi
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -48,6 +50,17 @@ class AvrTurn:
     history: tuple[tuple[str, str], ...] = ()
 
 
+def json_object(body: bytes, error: Callable[[str], Exception]) -> dict[str, Any]:
+    """A JSON object body, or `error("malformed_json" | "body_not_object")` raised: every endpoint's first check."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise error("malformed_json") from None
+    if not isinstance(data, dict):
+        raise error("body_not_object")
+    return data
+
+
 def _body_caller(data: dict[str, object]) -> str | None:
     """The seed's optional caller fields, first present one wins; only scalars count."""
     for key in ("callerid", "caller_number", "from"):
@@ -82,12 +95,7 @@ def parse_turn(body: bytes, header_uuid: str | None = None) -> AvrTurn:
     Only `uuid` and `message` must be right; the history is used to count turns and an odd entry in
     it never costs the caller an answer.
     """
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise AvrRequestError("malformed_json") from None
-    if not isinstance(data, dict):
-        raise AvrRequestError("body_not_object")
+    data = json_object(body, AvrRequestError)
     given = data.get("uuid") if data.get("uuid") is not None else header_uuid
     if given is None or given == "":
         raise AvrRequestError("missing_uuid")

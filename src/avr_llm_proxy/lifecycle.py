@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import structlog
 
-from .avr import canonical_uuid
+from .avr import canonical_uuid, json_object
 from .calls import CallRecord, CallRegistry
 from .identity import NumberFormat, parse_caller, sanitize_raw
 from .observability import EVENTS
@@ -46,12 +46,7 @@ class Event:
 
 
 def parse_event(body: bytes) -> Event:
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise EventError("malformed_json") from None
-    if not isinstance(data, dict):
-        raise EventError("body_not_object")
+    data = json_object(body, EventError)
     uuid = canonical_uuid(data.get("uuid"))
     if uuid is None:
         raise EventError("invalid_uuid")

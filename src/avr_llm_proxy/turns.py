@@ -175,9 +175,7 @@ class Turns:
             async for piece in self.upstream.answer(request, info):
                 queue.put_nowait(piece)
             queue.put_nowait(_END)
-        except UpstreamError as exc:
-            queue.put_nowait(exc)
-        except Exception as exc:  # a bug in an upstream: the turn logs it and speaks the fallback
+        except Exception as exc:  # an UpstreamError, or a bug in an upstream: the turn logs it and falls back
             queue.put_nowait(exc)
 
     async def _answer(self, turn: AvrTurn) -> AsyncIterator[bytes]:

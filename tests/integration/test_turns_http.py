@@ -31,6 +31,13 @@ async def post_turn(url: str, body: bytes) -> tuple[int, list[bytes], list[str],
     return reply.status, reply.chunks, heard.sentences, heard.problems
 
 
+async def one_answer(tmp_path: Path, mode: str, answer: object) -> tuple[int, list[bytes], list[str], list[str]]:
+    """One turn against a fake API answering `answer` in `mode`: status, chunks, heard, problems."""
+    async with running_api(mode) as api, running_proxy(make_settings(tmp_path, api_url=api.url)) as proxy:
+        api.answer = answer
+        return await post_turn(proxy.url, orjson.dumps({"uuid": new_uuid(), "message": "hola", "messages": []}))
+
+
 def assert_avr_safe(chunks: list[bytes]) -> None:
     """Each HTTP chunk is exactly one text object whose content avr-core speaks whole."""
     for chunk in chunks:
@@ -65,7 +72,7 @@ ANSWERS = {
                  ["Claro.", "El total es 3,5 euros.", "¿Algo más?", "Gracias por llamar."]),
     "emoji": ("😀 Hola 👋 Juan 🎉", ["Hola Juan."]),
     "no_final_punctuation": ("Gracias por llamar", ["Gracias por llamar."]),
-    "markdown": ("**Su pedido:**\n- leche\n- pan", ["Su pedido:", "leche.", "pan."]),
+    "markdown": ("**Su pedido:**\n- leche\n- pan", ["Su pedido: leche.", "pan."]),
     "empty": ("", FALLBACK),
     "only_symbols": ("😀 ... !!", FALLBACK),
 }
@@ -75,15 +82,10 @@ ANSWERS = {
 async def test_reply_shapes_pass_avr_core_rules(tmp_path: Path, case: str) -> None:
     """Read chunk by chunk off a real connection, every word is spoken and nothing is dropped."""
     answer, expected = ANSWERS[case]
-    async with running_api("fixed") as api, running_proxy(make_settings(tmp_path, api_url=api.url)) as proxy:
-        api.answer = answer
-        body = orjson.dumps({"uuid": new_uuid(), "message": "hola", "messages": []})
-        status, chunks, heard, problems = await post_turn(proxy.url, body)
+    status, chunks, heard, problems = await one_answer(tmp_path, "fixed", answer)
     assert status == 200 and problems == []
     assert_avr_safe(chunks)
     assert len(chunks) == len(heard)
-    if case == "markdown":
-        expected = ["Su pedido: leche.", "pan."]
     assert heard == expected
 
 
@@ -91,10 +93,7 @@ async def test_long_answer_is_spoken_whole(tmp_path: Path) -> None:
     """A long multi-paragraph answer arrives as one chunk per sentence, every word kept."""
     words = [f"palabra{i}" for i in range(400)]
     answer = ". ".join(" ".join(words[i:i + 10]) for i in range(0, 400, 10)) + "\n\nFin del mensaje"
-    async with running_api("fixed") as api, running_proxy(make_settings(tmp_path, api_url=api.url)) as proxy:
-        api.answer = answer
-        body = orjson.dumps({"uuid": new_uuid(), "message": "hola", "messages": []})
-        status, chunks, heard, problems = await post_turn(proxy.url, body)
+    status, chunks, heard, problems = await one_answer(tmp_path, "fixed", answer)
     assert status == 200 and problems == []
     assert_avr_safe(chunks)
     assert len(heard) == 41
@@ -244,9 +243,7 @@ async def test_upstream_fault_speaks_fallback_within_deadline(tmp_path: Path, fa
 
 async def test_plain_text_answer_is_spoken(tmp_path: Path) -> None:
     """An API answering text/plain is spoken like a {"message"} answer."""
-    async with running_api("text") as api, running_proxy(make_settings(tmp_path, api_url=api.url)) as proxy:
-        body = orjson.dumps({"uuid": new_uuid(), "message": "hola", "messages": []})
-        status, _, heard, _ = await post_turn(proxy.url, body)
+    status, _, heard, _ = await one_answer(tmp_path, "text", None)
     assert status == 200 and heard == ["Hola desde texto plano."]
 
 
@@ -329,10 +326,7 @@ RAW_ANSWERS = {
 async def test_answer_kinds(tmp_path: Path, case: str) -> None:
     """Declared content types are trusted, charsets honoured; silence and redirects become the fallback."""
     answer, expected = RAW_ANSWERS[case]
-    async with running_api("raw") as api, running_proxy(make_settings(tmp_path, api_url=api.url)) as proxy:
-        api.answer = answer
-        body = orjson.dumps({"uuid": new_uuid(), "message": "hola", "messages": []})
-        status, _, heard, problems = await post_turn(proxy.url, body)
+    status, _, heard, problems = await one_answer(tmp_path, "raw", answer)
     assert status == 200 and problems == [] and heard == expected
 
 

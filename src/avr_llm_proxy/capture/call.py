@@ -8,9 +8,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import unquote, unquote_plus
 
-import orjson
-
-from ..avr import canonical_uuid
+from ..avr import canonical_uuid, json_object
 from ..calls import CallRecord
 from ..identity import parse_caller, sanitize_raw
 
@@ -69,12 +67,7 @@ def parse_call(content_type: str, body: bytes, region: str) -> CallRecord:
     """The record a `/call` request asks us to keep."""
     source = "http"
     if "json" in content_type or body.lstrip()[:1] == b"{":
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise CaptureError("malformed_json") from None
-        if not isinstance(data, dict):
-            raise CaptureError("body_not_object")
+        data = json_object(body, CaptureError)
         if isinstance(data.get("payload"), dict):
             source = "avr-core"
             data = {**data["payload"], "uuid": data.get("uuid")}

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import structlog
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.types import Receive
 
 from ..access import Network, bearer, client_in, token_matches
 from ..calls import CallRecord, CallRegistry
@@ -21,19 +22,34 @@ MAX_CALL_BODY = 16 * 1024
 MAX_EVENT_BODY = 64 * 1024
 
 
-async def read_body(request: Request, limit: int) -> bytes | None:
-    """The request body, or None once it passes `limit` (the rest is not read)."""
-    declared = request.headers.get("content-length", "")
+class ClientGone(Exception):
+    """The client went away before its request body was complete."""
+
+
+async def read_body(receive: Receive, declared: str | bytes, limit: int) -> bytes | None:
+    """The request body off raw ASGI, or None once it passes `limit` (the rest is not read).
+
+    `declared` is the Content-Length header; every endpoint, /prompt-stream included, reads this way.
+    """
     if declared.isdigit() and int(declared) > limit:
         return None
     parts: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientGone
+        part = message.get("body", b"")
+        size += len(part)
         if size > limit:
             return None
-        parts.append(chunk)
-    return b"".join(parts)
+        parts.append(part)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def _body(request: Request, limit: int) -> bytes | None:
+    return await read_body(request.receive, request.headers.get("content-length", ""), limit)
 
 
 def capture_router(
@@ -61,7 +77,10 @@ def capture_router(
             return refuse("bad_capture_token", 401)
         if not with_token and not client_in(_client(request), networks):
             return refuse("untrusted_client: add its network to TRUSTED_NETWORKS or send CAPTURE_TOKEN", 403)
-        body = await read_body(request, MAX_CALL_BODY)
+        try:
+            body = await _body(request, MAX_CALL_BODY)
+        except ClientGone:
+            return Response(status_code=400)
         if body is None:
             return refuse("body_too_large", 413)
         try:
@@ -99,7 +118,10 @@ def capture_router(
                 return refuse("bad_webhook_secret", 401)
         elif not client_in(_client(request), networks):
             return refuse("untrusted_client: add its network to TRUSTED_NETWORKS or set WEBHOOK_SECRET", 403)
-        body = await read_body(request, MAX_EVENT_BODY)
+        try:
+            body = await _body(request, MAX_EVENT_BODY)
+        except ClientGone:
+            return Response(status_code=400)
         if body is None:
             return refuse("body_too_large", 413)
         try:
