@@ -56,13 +56,21 @@ def _kind(content_type: str) -> str:
     return "sniff"  # missing or generic (application/octet-stream): look at the whole body
 
 
+def _charset(content_type: str) -> str:
+    for parameter in content_type.split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset" and value.strip(' "'):
+            return value.strip(' "')
+    return "utf-8"
+
+
 class AnswerDecoder:
     """Bytes of one answer in, text pieces out; `streaming` says whether pieces come before the end."""
 
-    def __init__(self, content_type: str, charset: str | None = None) -> None:
+    def __init__(self, content_type: str) -> None:
         self.kind = _kind(content_type)
         try:
-            self._text = codecs.getincrementaldecoder(charset or "utf-8")(errors="replace")
+            self._text = codecs.getincrementaldecoder(_charset(content_type))(errors="replace")
         except LookupError:
             self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._whole: list[str] = []

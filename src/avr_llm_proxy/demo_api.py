@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from .breaker import CircuitBreaker
@@ -41,7 +41,7 @@ class DemoApi:
     async def close(self) -> None:
         self._db.close()
 
-    async def answer(self, request: UpstreamRequest, info: AnswerInfo) -> AsyncIterator[str]:
+    async def answer(self, request: UpstreamRequest, info: AnswerInfo) -> AsyncGenerator[str, None]:
         info.status = 200
         yield self.reply(build_payload(request))
 

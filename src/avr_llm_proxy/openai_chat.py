@@ -9,7 +9,7 @@ spoken as soon as it is complete.
 from __future__ import annotations
 
 import string
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 
 import orjson
 
@@ -67,7 +67,7 @@ class ChatUpstream:
             history.append({"role": "user", "content": request.text})
         return [{"role": "system", "content": render_prompt(self.system_prompt, values)}, *history]
 
-    async def answer(self, request: UpstreamRequest, info: AnswerInfo) -> AsyncIterator[str]:
+    async def answer(self, request: UpstreamRequest, info: AnswerInfo) -> AsyncGenerator[str, None]:
         body = orjson.dumps({"model": self.model, "messages": self.messages(request), "stream": True})
         async for piece in self.client.stream(self.url, body, info):
             yield piece

@@ -1,6 +1,6 @@
 """The business API client: the seed's payload out, the answer's text back, piece by piece.
 
-One pooled aiohttp session for the process. Every request has three deadlines (connect, first
+One pool of keep-alive connections (http1.py) for the process. Every request has three deadlines (connect, first
 byte, total), a retry only where it cannot do harm (a refused or reset connection, before any answer;
 a 429/503 whose Retry-After fits in the deadline), and an `Idempotency-Key` of `<uuid>:<turn>` so a
 retried turn is not processed twice. Failures are `UpstreamError`s with a reason code.
@@ -13,16 +13,16 @@ import email.utils
 import hashlib
 import hmac
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import aiohttp
 import orjson
 
 from .answers import AnswerDecoder, AnswerError
 from .breaker import CircuitBreaker
 from .calls import CallRecord
+from .http1 import ConnectFailed, ConnectionLost, ConnectTimeout, HttpError, Pool, Response
 from .identity import UNKNOWN_CALLER, CallerId, NumberFormat
 from .observability import UPSTREAM_RETRIES
 
@@ -72,7 +72,7 @@ class Upstream(Protocol):
 
     async def start(self) -> None: ...
 
-    def answer(self, request: UpstreamRequest, info: AnswerInfo) -> AsyncIterator[str]:
+    def answer(self, request: UpstreamRequest, info: AnswerInfo) -> AsyncGenerator[str, None]:
         """The answer's text in pieces (concatenate them); raises UpstreamError."""
         ...
 
@@ -124,42 +124,26 @@ def retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _refused_or_reset(exc: BaseException) -> bool:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return isinstance(exc.os_error, ConnectionRefusedError)
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return True
-    return isinstance(exc, aiohttp.ClientOSError) and isinstance(exc.__cause__ or exc, ConnectionResetError)
-
-
 class HttpClient:
     """POST a JSON body and stream back the answer's text, under the deadlines, with the safe retries."""
 
     def __init__(self, deadlines: Deadlines, headers: dict[str, str] | None = None) -> None:
         self.deadlines = deadlines
-        self.headers = {"Content-Type": "application/json", **(headers or {})}
-        self._session: aiohttp.ClientSession | None = None
+        self.headers = {"User-Agent": "avr-llm-proxy", "Accept": "application/json, text/event-stream, text/plain",
+                        "Content-Type": "application/json", **(headers or {})}
+        self._pool: Pool | None = None
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=512, keepalive_timeout=30, ttl_dns_cache=60),
-            # sock_connect only: aiohttp's `connect` would also count the wait for a pooled connection.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.deadlines.connect),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            headers={"User-Agent": "avr-llm-proxy", "Accept": "application/json, text/event-stream, text/plain"},
-            skip_auto_headers=("Accept-Encoding",),
-        )
+        self._pool = Pool(self.deadlines.connect)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
-    async def _response(
-        self, url: str, body: bytes, headers: dict[str, str], deadline: float
-    ) -> aiohttp.ClientResponse:
+    async def _response(self, url: str, body: bytes, headers: dict[str, str], deadline: float) -> Response:
         """The response (status 2xx), after at most one connection retry and one Retry-After wait."""
-        if self._session is None:
+        if self._pool is None:
             raise UpstreamError("not_started")
         loop = asyncio.get_running_loop()
         reconnected = waited = False
@@ -170,20 +154,22 @@ class HttpClient:
             try:
                 # asyncio.timeout, not wait_for: no extra task per request (measured on the turn path).
                 async with asyncio.timeout(min(self.deadlines.first_byte, remaining)):
-                    response = await self._session.post(url, data=body, headers=headers, allow_redirects=False)
-            except aiohttp.ConnectionTimeoutError:
+                    response, _ = await self._pool.request(url, body, headers)
+            except ConnectTimeout:
                 raise UpstreamError("connect_timeout") from None
             except TimeoutError:
                 raise UpstreamError("timeout" if remaining <= self.deadlines.first_byte else "first_byte_timeout") \
                     from None
-            except aiohttp.ClientError as exc:
-                if _refused_or_reset(exc) and not reconnected:
+            except HttpError as exc:
+                # Refused, or a kept-alive connection the server closed before answering: nothing was
+                # processed that a second attempt could repeat (and the Idempotency-Key covers the rest).
+                if _safe_to_retry(exc) and not reconnected:
                     reconnected = True
                     UPSTREAM_RETRIES.labels(reason="connection").inc()
                     continue
-                raise _client_error(exc) from None
+                raise _http_error(exc) from None
             if response.status in (429, 503):
-                wait = retry_after(response.headers.get("Retry-After"))
+                wait = retry_after(response.headers.get("retry-after"))
                 response.release()
                 if wait is not None and not waited and wait < deadline - loop.time() - 0.05:
                     waited = True
@@ -204,23 +190,21 @@ class HttpClient:
         """The answer's text pieces; a whole (non-streamed) answer comes as one piece at the end."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deadlines.total
-        response = await self._response(url, body, {**self.headers, **(headers or {})}, deadline)
+        response = await self._response(url, body, {**self.headers, **headers} if headers else self.headers,
+                                        deadline)
         info.status = response.status
         try:
-            decoder = AnswerDecoder(response.headers.get("Content-Type", ""), response.charset)
+            decoder = AnswerDecoder(response.headers.get("content-type", ""))
             limit = MAX_STREAM_BYTES if decoder.streaming else MAX_WHOLE_ANSWER_BYTES
             size = 0
             while True:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise UpstreamError("timeout", response.status)
                 try:
                     async with asyncio.timeout_at(deadline):
-                        chunk = await response.content.readany()
+                        chunk = await response.read()
                 except TimeoutError:
                     raise UpstreamError("timeout", response.status) from None
-                except aiohttp.ClientError as exc:
-                    raise _client_error(exc, response.status) from None
+                except HttpError as exc:
+                    raise _http_error(exc, response.status) from None
                 if not chunk:
                     break
                 size += len(chunk)
@@ -233,17 +217,22 @@ class HttpClient:
         except AnswerError as exc:
             raise UpstreamError(str(exc), response.status) from None
         finally:
-            # release() hands a fully read connection back to the pool; close() would drop keep-alive and
-            # make every turn open a new TCP connection to the API (found by timing the upstream leg).
+            # A response read to its end leaves its connection for the next turn; any other is closed.
             response.release()
 
 
-def _client_error(exc: aiohttp.ClientError, status: int | None = None) -> UpstreamError:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamError("unreachable", status, type(exc.os_error).__name__)
-    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError)):
-        return UpstreamError("connection_lost", status, type(exc).__name__)
-    return UpstreamError("client_error", status, type(exc).__name__)
+def _safe_to_retry(exc: HttpError) -> bool:
+    if isinstance(exc, ConnectFailed):
+        return isinstance(exc.cause, ConnectionRefusedError)
+    return isinstance(exc, ConnectionLost) and exc.early
+
+
+def _http_error(exc: HttpError, status: int | None = None) -> UpstreamError:
+    if isinstance(exc, ConnectFailed):
+        return UpstreamError("unreachable", status, type(exc.cause).__name__)
+    if isinstance(exc, ConnectionLost):
+        return UpstreamError("connection_lost", status, str(exc))
+    return UpstreamError("bad_response", status, str(exc))
 
 
 def signature(secret: str, body: bytes, now: float | None = None) -> str:
@@ -271,7 +260,7 @@ class HttpUpstream:
     async def close(self) -> None:
         await self.client.close()
 
-    async def answer(self, request: UpstreamRequest, info: AnswerInfo) -> AsyncIterator[str]:
+    async def answer(self, request: UpstreamRequest, info: AnswerInfo) -> AsyncGenerator[str, None]:
         body = orjson.dumps(build_payload(request))
         headers = {"Idempotency-Key": f"{request.uuid}:{request.turn}"}
         if self.signing_secret:
