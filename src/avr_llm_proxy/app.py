@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from .lifecycle import Lifecycle
 from .openai_chat import ChatUpstream
 from .privacy import Keys, number_redactor, resolve_keys
 from .stores import open_store
-from .turns import TurnPolicy, Turns
+from .turns import Speak, TurnPolicy, Turns
 from .upstream import Deadlines, HttpUpstream, Upstream
 
 log = structlog.get_logger("avr_llm_proxy.app")
@@ -233,26 +233,32 @@ class PromptStreamRoute:
         except ClientGone:
             return
         header_uuid = headers.get(b"x-uuid")
-        if body is None:
-            frames: AsyncIterator[bytes] = _each(self.turns.reject("body_too_large"))
-        else:
-            frames = self.turns.handle(body, header_uuid.decode("latin-1") if header_uuid else None)
-        await _stream(frames, send)
+        await self.turns.handle(body, header_uuid.decode("latin-1") if header_uuid else None, _speaker(send))
+
 
 _STREAM_HEADERS = [(b"content-type", b"application/json")]
 
 
-async def _each(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
-    for chunk in chunks:
-        yield chunk
+def _speaker(send: Send) -> Speak:
+    """One frame per HTTP chunk, each sent the moment it exists (a streamed answer is heard early).
 
+    The status line waits for the first frames, and the last frames carry the end of the response,
+    so a whole answer leaves in the fewest writes.
+    """
+    started = False
 
-async def _stream(frames: AsyncIterator[bytes], send: Send) -> None:
-    """One frame per HTTP chunk, each sent the moment it exists (a streamed answer is heard early)."""
-    await send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS})
-    async for chunk in frames:
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    async def speak(frames: Sequence[bytes], last: bool) -> None:
+        nonlocal started
+        if not started:
+            started = True
+            await send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS})
+        final = len(frames) - 1 if last else -1
+        for index, chunk in enumerate(frames):
+            await send({"type": "http.response.body", "body": chunk, "more_body": index != final})
+        if last and not frames:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return speak
 
 
 def app_from_env() -> ASGIApp:

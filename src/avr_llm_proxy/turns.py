@@ -10,10 +10,11 @@ with nothing rather than with a stale answer spoken after the new one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import structlog
 
@@ -35,8 +36,8 @@ from .upstream import AnswerInfo, Upstream, UpstreamError, UpstreamRequest
 
 log = structlog.get_logger("avr_llm_proxy.turns")
 
-_END = object()
-_SUPERSEDED = object()
+# Frames to send now; `last` is True with the final ones, after which the response ends.
+Speak = Callable[[Sequence[bytes], bool], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,20 +62,43 @@ class TurnPolicy:
 
 @dataclass(slots=True)
 class _Flight:
-    """A turn of this process still in progress, so a newer turn of the same call can supersede it."""
+    """A turn of this process still waiting for its answer, so a newer turn of the same call can end it."""
 
-    turn: int = 0
-    queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    turn: int
+    interrupt: asyncio.Timeout | None = None
     speaking: bool = False
     superseded: bool = False
+
+    def supersede(self) -> None:
+        self.superseded = True
+        if self.interrupt is not None:
+            self.interrupt.reschedule(-1.0)  # a deadline in the past: the waiting turn is woken at once
 
 
 @dataclass(slots=True)
 class _Outcome:
+    """One turn's side of the response (what was said, whether it ended) and the figures for its log line."""
+
+    speak: Speak
+    started: float
     status: str = ""
     sentences: int = 0
     first_ms: float | None = None
     upstream_ms: float = 0.0
+    ended: bool = False
+
+    async def say(self, frames: Sequence[bytes], last: bool = False) -> None:
+        if not self.ended:
+            self.ended = last
+            await self.speak(frames, last)
+
+    async def answer(self, texts: Sequence[str], last: bool = False) -> None:
+        """Sentences of the answer itself (the filler and the apology are not counted)."""
+        if texts and self.first_ms is None:
+            self.first_ms = round((time.perf_counter() - self.started) * 1000, 1)
+            FIRST_SENTENCE.observe(self.first_ms / 1000)
+        self.sentences += len(texts)
+        await self.say([frame(text) for text in texts], last)
 
 
 class Turns:
@@ -89,38 +113,48 @@ class Turns:
         self._flights: dict[str, _Flight] = {}
         self._counting: set[asyncio.Task[None]] = set()
 
-    def reject(self, reason: str, uuid: str | None = None) -> list[bytes]:
-        """The fallback frames for a request we could not use, with its log line."""
-        REJECTED.labels(endpoint="prompt-stream", reason=reason).inc()
-        FALLBACKS.labels(reason="bad_request").inc()
-        TURNS.labels(outcome="rejected").inc()
-        log.warning("turn_rejected", uuid=uuid, reason=reason)
-        return self._fallback
+    async def handle(self, body: bytes | None, header_uuid: str | None, speak: Speak) -> None:
+        """Answer one request body (None: refused as too large) through `speak`.
 
-    async def handle(self, body: bytes, header_uuid: str | None = None) -> AsyncIterator[bytes]:
-        """Every frame to send back for one request body."""
+        Only what the caller hears comes before the response ends; the log line, metrics and the
+        stored turn count come after it (at avr-core's pace every step runs with cold caches, so each
+        one costs the caller tens of microseconds).
+        """
         try:
+            if body is None:
+                raise AvrRequestError("body_too_large")
             turn = parse_turn(body, header_uuid)
         except AvrRequestError as exc:
-            for chunk in self.reject(exc.reason, exc.uuid):
-                yield chunk
+            await speak(self._fallback, True)
+            REJECTED.labels(endpoint="prompt-stream", reason=exc.reason).inc()
+            FALLBACKS.labels(reason="bad_request").inc()
+            TURNS.labels(outcome="rejected").inc()
+            log.warning("turn_rejected", uuid=exc.uuid, reason=exc.reason)
             return
         ACTIVE_TURNS.inc()
-        sent = False
+        outcome = _Outcome(speak, time.perf_counter())
+        record: CallRecord | None = None
         try:
-            async for chunk in self._answer(turn):
-                sent = True
-                yield chunk
+            record = await self._record(turn)
+            await self._answer(turn, record, outcome)
         except Exception:
             # Our bug, not the caller's: log it whole, and still keep the call going.
             log.exception("turn_failed", uuid=turn.uuid, turn=turn.turn)
             FALLBACKS.labels(reason="internal_error").inc()
             TURNS.labels(outcome="fallback").inc()
-            if not sent:
-                for chunk in self._fallback:
-                    yield chunk
+            outcome.status = "fallback:internal_error"
+            await outcome.say([] if outcome.sentences else self._fallback, last=True)
         finally:
             ACTIVE_TURNS.dec()
+        caller = record.caller if record else UNKNOWN_CALLER
+        if record is not None and turn.turn > record.turns:
+            self._count(record, turn.turn)
+        self.registry.recent.note_turn(turn.uuid, caller, outcome.status, outcome.upstream_ms)
+        log.info(
+            "turn", uuid=turn.uuid, turn=turn.turn, caller_number=caller.log_number, source=caller.source,
+            status=outcome.status, sentences=outcome.sentences, latency_ms=round(outcome.upstream_ms, 1),
+            first_ms=outcome.first_ms, elapsed_ms=round((time.perf_counter() - outcome.started) * 1000, 1),
+        )
 
     async def _record(self, turn: AvrTurn) -> CallRecord | None:
         """The call's caller: captured, else the seed's body fields, else waited for briefly."""
@@ -156,133 +190,105 @@ class Turns:
         other = self._flights.get(uuid)
         if other is not None and not self.policy.keep_stale_turns:
             if other.turn < turn and not other.speaking:
-                other.superseded = True
-                other.queue.put_nowait(_SUPERSEDED)
+                other.supersede()
             elif other.turn > turn:
                 flight.superseded = True  # this one is the stale one: it says nothing
-                flight.queue.put_nowait(_SUPERSEDED)
                 return flight
         self._flights[uuid] = flight
         return flight
 
-    def _land(self, uuid: str, flight: _Flight) -> None:
-        if self._flights.get(uuid) is flight:
-            del self._flights[uuid]
-
-    async def _pump(self, request: UpstreamRequest, info: AnswerInfo, queue: asyncio.Queue[object]) -> None:
-        """Move the answer's pieces into the turn's queue (a task of its own, so deadlines stay here)."""
-        try:
-            async for piece in self.upstream.answer(request, info):
-                queue.put_nowait(piece)
-            queue.put_nowait(_END)
-        except Exception as exc:  # an UpstreamError, or a bug in an upstream: the turn logs it and falls back
-            queue.put_nowait(exc)
-
-    async def _answer(self, turn: AvrTurn) -> AsyncIterator[bytes]:
-        started = time.perf_counter()
-        record = await self._record(turn)
-        caller = record.caller if record else UNKNOWN_CALLER
+    async def _answer(self, turn: AvrTurn, record: CallRecord | None, outcome: _Outcome) -> None:
         request = UpstreamRequest(
             uuid=turn.uuid, turn=turn.turn, text=turn.message, record=record, phone=self.policy.phone_for(record),
             number_format=self.policy.number_format, history=turn.history,
         )
         flight = self._take_off(turn.uuid, turn.turn)
-        outcome = _Outcome()
         try:
-            async for chunk in self._speak(request, flight, outcome, started):
-                yield chunk
+            if flight.superseded:
+                await self._superseded(request, outcome)
+            elif not self.upstream.breaker.allow():
+                await self._failed(request, outcome, UpstreamError("circuit_open", detail="the API failed repeatedly"),
+                                   0.0)
+            else:
+                await self._speak(request, flight, outcome)
         finally:
-            self._land(turn.uuid, flight)
-            if record is not None and turn.turn > record.turns:
-                self._count(record, turn.turn)
-            self.registry.recent.note_turn(turn.uuid, caller, outcome.status, outcome.upstream_ms)
-            log.info(
-                "turn", uuid=turn.uuid, turn=turn.turn, caller_number=caller.log_number, source=caller.source,
-                status=outcome.status, sentences=outcome.sentences, latency_ms=round(outcome.upstream_ms, 1),
-                first_ms=outcome.first_ms, elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
-            )
+            if self._flights.get(turn.uuid) is flight:
+                del self._flights[turn.uuid]
 
-    async def _speak(
-        self, request: UpstreamRequest, flight: _Flight, outcome: _Outcome, started: float
-    ) -> AsyncIterator[bytes]:
+    async def _speak(self, request: UpstreamRequest, flight: _Flight, outcome: _Outcome) -> None:
+        """Read the answer straight from the upstream, saying each sentence as soon as it is complete."""
         breaker = self.upstream.breaker
-        if flight.superseded:
-            outcome.status = "superseded"
-            TURNS.labels(outcome="superseded").inc()
-            log.info("turn_superseded", uuid=request.uuid, turn=request.turn)
-            return
-        if not breaker.allow():
-            self._failed(request, outcome, UpstreamError("circuit_open", detail="the API failed repeatedly"), 0.0)
-            for chunk in self._fallback:
-                yield chunk
-            return
         verdict = False  # every turn let through gives the breaker a success, a failure, or its probe back
         info = AnswerInfo()
         asked = time.perf_counter()
-        pump = asyncio.create_task(self._pump(request, info, flight.queue))
         stream = SentenceStream()
-        filler_due = self.policy.filler_after_s > 0
+        filler = asyncio.create_task(self._say_filler(outcome)) if self.policy.filler_after_s > 0 else None
         try:
-            while True:
-                try:
-                    if filler_due:
-                        wait = max(0.0, started + self.policy.filler_after_s - time.perf_counter())
-                        item = await asyncio.wait_for(flight.queue.get(), wait)
-                    else:
-                        item = await flight.queue.get()
-                except TimeoutError:
-                    filler_due = False
-                    for chunk in self._filler:
-                        yield chunk
-                    continue
-                if item is _SUPERSEDED:
-                    outcome.status = "superseded"
-                    TURNS.labels(outcome="superseded").inc()
-                    log.info("turn_superseded", uuid=request.uuid, turn=request.turn)
-                    return
-                texts: list[str]
-                if isinstance(item, str):
-                    texts = stream.feed(item)
-                elif item is _END:
-                    texts = stream.end()
-                    if not outcome.sentences and not texts:
-                        item = UpstreamError("empty_answer", info.status)
-                if isinstance(item, BaseException):
-                    error = item if isinstance(item, UpstreamError) else UpstreamError("upstream_bug", None, repr(item))
-                    upstream_ms = (time.perf_counter() - asked) * 1000
-                    verdict = True
-                    if error.reason == "empty_answer":
-                        breaker.success()  # the API answered: reachable and well, just silent
-                    else:
-                        breaker.failure()
-                    self._failed(request, outcome, error, upstream_ms)
-                    # Sentences already spoken stand; the unfinished one is said as it is, else the apology.
-                    texts = stream.end() if outcome.sentences else []
-                    for chunk in [frame(text) for text in texts] or ([] if outcome.sentences else self._fallback):
-                        yield chunk
-                    return
-                if texts:
-                    filler_due = False  # the caller is hearing the answer: no filler in the middle of it
-                for text in texts:
-                    if outcome.first_ms is None:
-                        outcome.first_ms = round((time.perf_counter() - started) * 1000, 1)
-                        FIRST_SENTENCE.observe(outcome.first_ms / 1000)
-                    flight.speaking = True
-                    outcome.sentences += 1
-                    yield frame(text)
-                if item is _END:
-                    verdict = True
-                    breaker.success()
-                    outcome.upstream_ms = (time.perf_counter() - asked) * 1000
-                    outcome.status = str(info.status or "ok")
-                    UPSTREAM_LATENCY.labels(outcome="ok").observe(outcome.upstream_ms / 1000)
-                    TURNS.labels(outcome="answered").inc()
-                    return
+            texts = await self._listen(self.upstream.answer(request, info), flight, stream, outcome)
+            if not outcome.sentences and not texts:
+                raise UpstreamError("empty_answer", info.status)
+            outcome.upstream_ms = (time.perf_counter() - asked) * 1000
+            await outcome.answer(texts, last=True)
+            verdict = True
+            breaker.success()
+            outcome.status = str(info.status or "ok")
+            UPSTREAM_LATENCY.labels(outcome="ok").observe(outcome.upstream_ms / 1000)
+            TURNS.labels(outcome="answered").inc()
+        except TimeoutError:
+            if not flight.superseded:
+                raise
+            await self._superseded(request, outcome)
+        except UpstreamError as error:
+            verdict = True
+            if error.reason == "empty_answer":
+                breaker.success()  # the API answered: reachable and well, just silent
+            else:
+                breaker.failure()
+            # Sentences already spoken stand; the unfinished one is said as it is, else the apology.
+            await self._failed(request, outcome, error, (time.perf_counter() - asked) * 1000,
+                               stream.end() if outcome.sentences else None)
         finally:
+            if filler is not None:
+                filler.cancel()
             if not verdict:
                 breaker.release()
-            if not pump.done():
-                pump.cancel()
+
+    @staticmethod
+    async def _listen(pieces: AsyncGenerator[str, None], flight: _Flight, stream: SentenceStream, outcome: _Outcome,
+                      ) -> list[str]:
+        """Say each sentence as soon as the answer completes it; returns the unfinished rest at its end.
+
+        A newer turn of the call interrupts this wait (TimeoutError) until the first sentence is said.
+        """
+        try:
+            async with contextlib.aclosing(pieces), asyncio.timeout(None) as flight.interrupt:
+                while True:
+                    try:
+                        piece = await anext(pieces)
+                    except StopAsyncIteration:
+                        return stream.end()
+                    except UpstreamError:
+                        raise
+                    except Exception as exc:  # a bug in an upstream: the turn logs it and falls back
+                        raise UpstreamError("upstream_bug", None, repr(exc)) from exc
+                    texts = stream.feed(piece)
+                    if texts:
+                        flight.speaking = True
+                        await outcome.answer(texts)
+        finally:
+            flight.interrupt = None
+
+    async def _say_filler(self, outcome: _Outcome) -> None:
+        """FILLER_AFTER_MS: say the filler once if the answer has not begun by then."""
+        await asyncio.sleep(max(0.0, outcome.started + self.policy.filler_after_s - time.perf_counter()))
+        if not outcome.sentences:
+            await outcome.say(self._filler)
+
+    async def _superseded(self, request: UpstreamRequest, outcome: _Outcome) -> None:
+        await outcome.say([], last=True)
+        outcome.status = "superseded"
+        TURNS.labels(outcome="superseded").inc()
+        log.info("turn_superseded", uuid=request.uuid, turn=request.turn)
 
     def _count(self, record: CallRecord, turns: int) -> None:
         """Keep the record's turn count (for `calls` and EVENTS_URL) in the background, off the turn's path."""
@@ -301,7 +307,13 @@ class Turns:
         self._counting.add(task)
         task.add_done_callback(self._counting.discard)
 
-    def _failed(self, request: UpstreamRequest, outcome: _Outcome, error: UpstreamError, upstream_ms: float) -> None:
+    async def _failed(self, request: UpstreamRequest, outcome: _Outcome, error: UpstreamError, upstream_ms: float,
+                      unfinished: Sequence[str] | None = None) -> None:
+        """Say the rest (`unfinished`, when sentences were already spoken) or the apology, then log why."""
+        if unfinished is None:
+            await outcome.say(self._fallback, last=True)
+        else:
+            await outcome.answer(unfinished, last=True)
         outcome.status = f"fallback:{error.reason}"
         outcome.upstream_ms = upstream_ms
         UPSTREAM_LATENCY.labels(outcome="failure").observe(upstream_ms / 1000)
