@@ -12,7 +12,7 @@ import redis
 
 from avr_llm_proxy.calls import CallRecord, CallRegistry
 from avr_llm_proxy.identity import parse_caller
-from avr_llm_proxy.stores import Store, open_store
+from avr_llm_proxy.stores import Store, StoreError, open_store
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 UUID = "cbb1cd1e-86d0-4af4-b938-ebd18537fffb"
@@ -140,3 +140,24 @@ async def test_redis_tag_set_lives_as_long_as_its_longest_call() -> None:
     finally:
         await store.close()
         clean_redis()
+
+
+async def test_redis_that_stops_answering_fails_the_read() -> None:
+    """A Redis that accepts connections but never answers: the read fails with StoreError (the turn
+    then goes on without the store) instead of hanging through redis-py's retries."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # read nothing, answer nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = open_store(f"redis://127.0.0.1:{port}/0")
+    try:
+        with pytest.raises(StoreError, match="timed out"):
+            await store.get(UUID)
+    finally:
+        server.close()
+        for writer in held:
+            writer.close()
+        await store.close()

@@ -29,6 +29,9 @@ RECENT = PREFIX + "recent"
 RECENT_SIZE = 1000
 MAX_CONNECTIONS = 64
 POOL_WAIT_S = 2.0
+# A Redis that accepts but stops answering must not keep a caller in silence: redis-py's own socket
+# timeout and retries could add up to several seconds, so a turn's read has one deadline of its own.
+READ_DEADLINE_S = 1.0
 
 
 def _bytes(value: object) -> bytes:
@@ -80,7 +83,10 @@ class RedisStore:
 
     async def get(self, key: str) -> bytes | None:
         try:
-            value = await self._client.get(PREFIX + "call:" + key)
+            async with asyncio.timeout(READ_DEADLINE_S):
+                value = await self._client.get(PREFIX + "call:" + key)
+        except TimeoutError:
+            raise StoreError(f"Redis read timed out after {READ_DEADLINE_S:g} s") from None
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis read failed: {type(exc).__name__}: {exc}") from exc
         return None if value is None else _bytes(value)
