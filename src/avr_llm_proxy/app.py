@@ -24,6 +24,7 @@ from .capture.files import LegacyCallerFiles
 from .capture.routes import ClientGone, capture_router, read_body
 from .config import Settings
 from .demo_api import DemoApi
+from .leader import HostLock, lead
 from .lifecycle import Lifecycle
 from .openai_chat import ChatUpstream
 from .privacy import Keys, number_redactor, resolve_keys
@@ -83,6 +84,8 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
                           token=settings.api_token, signing_secret=settings.api_signing_secret)
     agi = FastAgiServer(registry, settings.agi_listen, settings.default_region) if settings.agi_listen else None
     ami = AmiListener(registry, settings.ami_url, settings.default_region) if settings.ami_url else None
+    # With --workers N, one worker of the host holds the AMI connection (see leader.py).
+    ami_lock = HostLock("ami", f"{settings.ami_url}|{settings.store_url}")
     redact = number_redactor(settings.log_numbers, keys.hash_key)
 
     async def maintain() -> None:
@@ -104,8 +107,7 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
         await lifecycle.start()
         if agi:
             await agi.start()
-        if ami:
-            ami.start()
+        ami_duty = asyncio.create_task(lead(ami_lock, ami.start)) if ami else None
         if files:
             await asyncio.to_thread(files.sweep)
         task = asyncio.create_task(maintain())
@@ -122,8 +124,13 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
                 await task
             if agi:
                 await agi.close()
+            if ami_duty:
+                ami_duty.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ami_duty
             if ami:
                 await ami.close()
+            ami_lock.release()
             await lifecycle.close()
             await upstream.close()
             await store.close()
@@ -140,7 +147,8 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
     async def readyz() -> Response:
         problem = await registry.ready()
         detail = {"store": problem or "ok", "upstream": upstream.name, "circuit": upstream.breaker.describe(),
-                  "ami": "off" if ami is None else "connected" if ami.connected else "disconnected"}
+                  "ami": "off" if ami is None else "connected" if ami.connected
+                  else "disconnected" if ami_lock.held else "standby"}
         if problem:
             return JSONResponse({"status": "not_ready", **detail}, status_code=503)
         return JSONResponse({"status": "ready", **detail})

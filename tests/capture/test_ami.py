@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import uuid as uuidlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 from avr_llm_proxy.capture.ami import AmiMessage, AmiParser, AmiProtocolError, CallTracker, parse_ami_url
 from avr_llm_proxy.simulate import http_request, play_call
 
-from ..conftest import FIXTURES, make_settings, running_api, running_proxy
+from ..conftest import FIXTURES, clean_environ, closed_port, make_settings, running_api, running_proxy
 
 BANNER = b"Asterisk Call Manager/11.0.0\r\n"
 EVENTS_LF = (FIXTURES / "ami-local-call.txt").read_bytes()
@@ -256,3 +258,29 @@ async def test_login_refused_is_reported(tmp_path: Path, logs) -> None:  # type:
             turns = await play_call(proxy.url, str(uuidlib.uuid4()), ["hola"])
             assert turns[0].problems == []
     await wait_for(lambda: any("login refused" in line for line in logs()))
+
+
+async def test_workers_share_one_ami_connection(tmp_path: Path) -> None:
+    """`serve --workers 2`: one worker logs in to the manager, the other stands by; captures still work."""
+    async with fake_manager(FakeManager([EVENTS])) as manager:
+        port = closed_port()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "avr_llm_proxy", "serve", "--port", str(port), "--workers", "2", cwd=tmp_path,
+            env=clean_environ(AMI_URL=f"ami://avr:secret@127.0.0.1:{manager.port}", AGI_LISTEN="", CALLERID_DIR="",
+                              CALLER_WAIT_MS="3000"),
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            await wait_for(lambda: manager.logins >= 1, 30)
+            url = f"http://127.0.0.1:{port}"
+            readiness = set()
+            for _ in range(20):  # both workers answer /readyz: one connected, one on standby
+                ready = await http_request(f"{url}/readyz", b"", method="GET")
+                readiness.add(orjson.loads(b"".join(ready.chunks))["ami"])
+            assert await caller_of(url, DIAL_UUID) == "Hola Juan, gracias por llamar."  # the demo API, by name
+            await asyncio.sleep(3)  # longer than a standing-by worker's retry: it must still not log in
+            assert manager.logins == 1
+            assert "connected" in readiness and readiness <= {"connected", "standby"}
+        finally:
+            process.terminate()
+            await process.wait()
