@@ -261,7 +261,7 @@ class Turns:
         A newer turn of the call interrupts this wait (TimeoutError) until the first sentence is said.
         """
         try:
-            async with contextlib.aclosing(pieces), asyncio.timeout(None) as flight.interrupt:
+            async with asyncio.timeout(None) as flight.interrupt, contextlib.aclosing(pieces):
                 while True:
                     try:
                         piece = await anext(pieces)
