@@ -308,7 +308,9 @@ class Pool:
         loop = asyncio.get_running_loop()
         context = None
         if target.scheme == "https":
-            context = self._ssl or ssl.create_default_context()
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()  # loads the system's CAs: once, not per connection
+            context = self._ssl
         connection = _Connection(self, target.origin)
         self._open.add(connection)
         try:
