@@ -5,7 +5,7 @@ few seconds) each request runs with cold CPU caches, and there aiohttp's request
 ~500 us per round trip on loopback against ~200 us for a bare asyncio connection (bench/turns.py,
 profile in the commit). This module keeps only what a turn needs: a pool per origin, one write per
 request, httptools for the response, body pieces handed over as they arrive. Deadlines and retries
-are the caller's (upstream.py); here a failure is one of three named errors.
+are the caller's (upstream.py); here a failure is one of four named errors.
 """
 
 from __future__ import annotations
@@ -262,19 +262,17 @@ class Pool:
             target = self._targets[url] = Target.parse(url)
         return target
 
-    async def request(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[Response, bool]:
-        """POST `body`; returns the response head once it arrived, and whether a pooled connection was used."""
+    async def request(self, url: str, body: bytes, headers: dict[str, str]) -> Response:
+        """POST `body` on a kept-alive connection to the origin, else a new one; returns once the head arrived."""
         target = self.target(url)
         head = [b"POST ", target.path, b" HTTP/1.1\r\nHost: ", target.host_header,
                 b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]
         for name, value in headers.items():
             head += [name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n"]
         head += [b"\r\n", body]
-        connection, reused = self._pooled(target), True
-        if connection is None:
-            connection, reused = await self._connect(target), False
+        connection = self._pooled(target) or await self._connect(target)
         try:
-            return await connection.request(b"".join(head)), reused
+            return await connection.request(b"".join(head))
         except BaseException:
             connection.close()  # cancelled or failed mid-request: its state is unknown
             raise

@@ -1,9 +1,10 @@
 """The business API client: the seed's payload out, the answer's text back, piece by piece.
 
-One pool of keep-alive connections (http1.py) for the process. Every request has three deadlines (connect, first
-byte, total), a retry only where it cannot do harm (a refused or reset connection, before any answer;
-a 429/503 whose Retry-After fits in the deadline), and an `Idempotency-Key` of `<uuid>:<turn>` so a
-retried turn is not processed twice. Failures are `UpstreamError`s with a reason code.
+One pool of keep-alive connections (http1.py) for the process. Every request has three deadlines
+(connect, first byte, total), a retry only where it cannot do harm (a refused or reset connection,
+before any answer; a 429/503 whose Retry-After fits in the deadline), and an `Idempotency-Key` of
+`<uuid>:<turn>` so a retried turn is not processed twice. Failures are `UpstreamError`s with a reason
+code.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ class HttpClient:
             try:
                 # asyncio.timeout, not wait_for: no extra task per request (measured on the turn path).
                 async with asyncio.timeout(min(self.deadlines.first_byte, remaining)):
-                    response, _ = await self._pool.request(url, body, headers)
+                    response = await self._pool.request(url, body, headers)
             except ConnectTimeout:
                 raise UpstreamError("connect_timeout") from None
             except TimeoutError:
