@@ -67,8 +67,16 @@ async def serving(script: Script, context: ssl.SSLContext | None = None) -> Asyn
         listener.close()
 
 
+@pytest.fixture
+async def pool() -> AsyncIterator[Pool]:
+    """A pool with a 1 s connect deadline, closed after the test whatever happened."""
+    each = Pool(1.0)
+    yield each
+    await each.close()
+
+
 async def body_of(pool: Pool, url: str, body: bytes = b"{}") -> tuple[int, bytes]:
-    response, _ = await pool.request(url, body, {"Content-Type": "application/json"})
+    response = await pool.request(url, body, {"Content-Type": "application/json"})
     pieces = []
     while chunk := await response.read():
         pieces.append(chunk)
@@ -76,116 +84,84 @@ async def body_of(pool: Pool, url: str, body: bytes = b"{}") -> tuple[int, bytes
     return response.status, b"".join(pieces)
 
 
-async def test_connection_is_kept_alive_between_requests() -> None:
-    """Three requests read to their end share one TCP connection."""
-    async with serving(lambda request: OK) as (server, port):
-        pool = Pool(1.0)
+@pytest.mark.parametrize(("answer", "body", "connections"), [
+    (OK, b'{"message":"a"}', 1),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", b"abcde", 1),
+    ((b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nhola", True), b"hola", 3),
+], ids=["content-length", "chunked", "until-close"])
+async def test_connection_reuse(pool: Pool, answer: bytes | tuple[bytes, bool], body: bytes, connections: int,
+                                ) -> None:
+    """Three requests read to their end: a Content-Length or chunked answer (read piece by piece) leaves
+    one kept-alive connection; a body that ends with the connection needs a new one each time."""
+    async with serving(lambda request: answer) as (server, port):
         for _ in range(3):
-            assert await body_of(pool, f"http://127.0.0.1:{port}/api") == (200, b'{"message":"a"}')
-        await pool.close()
-    assert server.connections == 1
+            assert await body_of(pool, f"http://127.0.0.1:{port}/api") == (200, body)
+    assert server.connections == connections
 
 
-async def test_request_bytes() -> None:
-    """One POST with Host, Content-Length, the given headers and the body."""
+async def test_request_bytes(pool: Pool) -> None:
+    """One POST with Host, Content-Length, the given headers and the body, on a new connection."""
     async with serving(lambda request: OK) as (server, port):
-        pool = Pool(1.0)
-        response, reused = await pool.request(f"http://127.0.0.1:{port}/api?x=1", b'{"a":1}', {"X-Key": "v"})
+        response = await pool.request(f"http://127.0.0.1:{port}/api?x=1", b'{"a":1}', {"X-Key": "v"})
         response.release()
-        await pool.close()
-    assert not reused
+    assert server.connections == 1
     assert server.requests[0] == (f"POST /api?x=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 7\r\n"
                                   "X-Key: v\r\n\r\n{\"a\":1}").encode()
 
 
-async def test_chunked_body_arrives_in_pieces() -> None:
-    """A chunked answer is read piece by piece and the connection is reused after it."""
-    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
-    async with serving(lambda request: chunked) as (server, port):
-        pool = Pool(1.0)
-        assert await body_of(pool, f"http://127.0.0.1:{port}/") == (200, b"abcde")
-        assert await body_of(pool, f"http://127.0.0.1:{port}/") == (200, b"abcde")
-        await pool.close()
-    assert server.connections == 1
-
-
-async def test_body_until_close() -> None:
-    """No Content-Length and no chunking: the body ends with the connection, which is not reused."""
-    until_close = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nhola", True)
-    async with serving(lambda request: until_close) as (server, port):
-        pool = Pool(1.0)
-        assert await body_of(pool, f"http://127.0.0.1:{port}/") == (200, b"hola")
-        assert await body_of(pool, f"http://127.0.0.1:{port}/") == (200, b"hola")
-        await pool.close()
-    assert server.connections == 2
-
-
-async def test_interim_response_is_skipped() -> None:
+async def test_interim_response_is_skipped(pool: Pool) -> None:
     """A 103 Early Hints before the answer is not mistaken for it."""
     async with serving(lambda request: b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK) as (_, port):
-        pool = Pool(1.0)
         assert await body_of(pool, f"http://127.0.0.1:{port}/") == (200, b'{"message":"a"}')
-        await pool.close()
 
 
-async def test_headers_are_folded_to_lower_case() -> None:
+async def test_headers_are_folded_to_lower_case(pool: Pool) -> None:
     """Repeated headers are joined; names are lower case."""
     answer = b"HTTP/1.1 429 Too Many\r\nRetry-After: 1\r\nX-A: 1\r\nX-A: 2\r\nContent-Length: 0\r\n\r\n"
     async with serving(lambda request: answer) as (_, port):
-        pool = Pool(1.0)
-        response, _ = await pool.request(f"http://127.0.0.1:{port}/", b"", {})
+        response = await pool.request(f"http://127.0.0.1:{port}/", b"", {})
         assert (response.status, response.headers["retry-after"], response.headers["x-a"]) == (429, "1", "1, 2")
         response.release()
-        await pool.close()
 
 
-async def test_closed_before_answer_is_early() -> None:
+async def test_closed_before_answer_is_early(pool: Pool) -> None:
     """A server that closes without answering: ConnectionLost, marked early (safe to send again)."""
     async with serving(lambda request: None) as (_, port):
-        pool = Pool(1.0)
         with pytest.raises(ConnectionLost) as lost:
             await pool.request(f"http://127.0.0.1:{port}/", b"{}", {})
         assert lost.value.early
-        await pool.close()
 
 
-async def test_cut_in_the_middle_of_the_body() -> None:
+async def test_cut_in_the_middle_of_the_body(pool: Pool) -> None:
     """A body cut short: the reader gets ConnectionLost, not a truncated answer."""
     async with serving(lambda request: (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc", True)) as (_, port):
-        pool = Pool(1.0)
-        response, _ = await pool.request(f"http://127.0.0.1:{port}/", b"{}", {})
+        response = await pool.request(f"http://127.0.0.1:{port}/", b"{}", {})
         assert await response.read() == b"abc"
         with pytest.raises(ConnectionLost) as lost:
             await response.read()
         assert not lost.value.early
         response.release()
-        await pool.close()
 
 
-async def test_garbage_is_a_protocol_error() -> None:
+async def test_garbage_is_a_protocol_error(pool: Pool) -> None:
     """Bytes that are not HTTP: ProtocolError, and the connection is dropped."""
     async with serving(lambda request: b"<html>hello</html>\r\n\r\n") as (_, port):
-        pool = Pool(1.0)
         with pytest.raises(ProtocolError):
             await pool.request(f"http://127.0.0.1:{port}/", b"{}", {})
-        await pool.close()
 
 
-async def test_endless_headers_are_cut() -> None:
+async def test_endless_headers_are_cut(pool: Pool) -> None:
     """More than 64 KiB of response headers: ProtocolError instead of unbounded memory."""
     junk = b"HTTP/1.1 200 OK\r\n" + b"X-Junk: " + b"a" * 1000 + b"\r\n"
     async with serving(lambda request: junk * 100) as (_, port):
-        pool = Pool(1.0)
         with pytest.raises(ProtocolError):
             await pool.request(f"http://127.0.0.1:{port}/", b"{}", {})
-        await pool.close()
 
 
-async def test_refused() -> None:
+async def test_refused(pool: Pool) -> None:
     """Nothing listening: ConnectFailed carrying the ConnectionRefusedError."""
     async with serving(lambda request: OK) as (_, port):
         pass
-    pool = Pool(1.0)
     with pytest.raises(ConnectFailed) as failed:
         await pool.request(f"http://127.0.0.1:{port}/", b"{}", {})
     assert isinstance(failed.value.cause, ConnectionRefusedError)
@@ -203,27 +179,23 @@ async def test_connect_timeout() -> None:
         await pool.close()
 
 
-async def test_idle_connection_closed_by_server_is_not_reused() -> None:
+async def test_idle_connection_closed_by_server_is_not_reused(pool: Pool) -> None:
     """The server closed a kept-alive connection: the next request opens a new one."""
     answers = iter([OK, None, OK])
     async with serving(lambda request: next(answers)) as (server, port):
-        pool = Pool(1.0)
         assert (await body_of(pool, f"http://127.0.0.1:{port}/"))[0] == 200
         with pytest.raises(ConnectionLost):
             await body_of(pool, f"http://127.0.0.1:{port}/")
         assert (await body_of(pool, f"http://127.0.0.1:{port}/"))[0] == 200
-        await pool.close()
     assert server.connections == 2
 
 
-async def test_unread_response_closes_its_connection() -> None:
+async def test_unread_response_closes_its_connection(pool: Pool) -> None:
     """A response released before its end is not handed to the next request."""
     async with serving(lambda request: OK) as (server, port):
-        pool = Pool(1.0)
-        response, _ = await pool.request(f"http://127.0.0.1:{port}/", b"{}", {})
+        response = await pool.request(f"http://127.0.0.1:{port}/", b"{}", {})
         response.release()
         assert (await body_of(pool, f"http://127.0.0.1:{port}/"))[0] == 200
-        await pool.close()
     assert server.connections == 2
 
 
@@ -280,6 +252,7 @@ async def test_https(tmp_path: Path) -> None:
         with pytest.raises(ConnectFailed) as failed:
             await untrusting.request(f"https://127.0.0.1:{port}/api", b"{}", {})
         assert isinstance(failed.value.cause, ssl.SSLCertVerificationError)
+        await untrusting.close()
     assert server.connections == 1  # both trusted requests on one connection; the refused handshake never got one
 
 
