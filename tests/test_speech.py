@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from avr_llm_proxy.avr import ReplyReader, frame
-from avr_llm_proxy.speech import MAX_REPLY_CHARS, MAX_SENTENCE_CHARS, SENTENCE, clean, sentences
+from avr_llm_proxy.speech import MAX_REPLY_CHARS, MAX_SENTENCE_CHARS, SENTENCE, _shape, clean, sentences
 
 
 def test_observed_stream_sentences_case_is_fixed() -> None:
@@ -51,6 +51,25 @@ def test_empty_and_symbol_only_answers_send_nothing() -> None:
 def test_clean_collapses_whitespace() -> None:
     """Newlines and runs of spaces become single spaces."""
     assert clean("a  b\n\nc") == "a b. c."
+
+
+# Characters of plain text that some rule acts on in certain orders (so both paths are taken often),
+# then every other character a rule acts on.
+_NEAR_PLAIN = "a Zñ¿¡.!?,;:09-+)"
+_TRICKY = _NEAR_PLAIN + "*#`~_|>[]()^•…【】\n\t\xa0\xad©😀\u0301"
+
+
+@settings(max_examples=500)
+@given(st.text(alphabet=_NEAR_PLAIN, max_size=12) | st.text(alphabet=_TRICKY, max_size=40) | st.text(max_size=40))
+def test_plain_text_shortcut_agrees_with_every_rule(text: str) -> None:
+    """The one-search shortcut for plain one-line text gives exactly what applying every rule gives."""
+    assert clean(text) == _shape(text[:MAX_REPLY_CHARS])
+
+
+def test_plain_spanish_answer_takes_the_shortcut() -> None:
+    """Accented Spanish on one line is plain: spacing and the closing mark are all that change."""
+    assert clean("  Hola Juan,  ¿en qué puedo ayudarte? ") == "Hola Juan, ¿en qué puedo ayudarte?"
+    assert clean("Su pedido está en camino") == "Su pedido está en camino."
 
 
 @given(st.text(max_size=400))
