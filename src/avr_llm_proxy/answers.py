@@ -69,25 +69,25 @@ class AnswerDecoder:
 
     def __init__(self, content_type: str) -> None:
         self.kind = _kind(content_type)
-        try:
-            self._text = codecs.getincrementaldecoder(_charset(content_type))(errors="replace")
-        except LookupError:
-            self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._whole: list[str] = []
+        self.streaming = self.kind in ("sse", "ndjson", "text")
+        self._charset = _charset(content_type)
+        self._text: codecs.IncrementalDecoder | None = None
+        if self.streaming:  # a whole answer is decoded once, at its end
+            try:
+                self._text = codecs.getincrementaldecoder(self._charset)(errors="replace")
+            except LookupError:
+                self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._whole: list[bytes] = []
         self._line = ""
         self._event: list[str] = []
 
-    @property
-    def streaming(self) -> bool:
-        return self.kind in ("sse", "ndjson", "text")
-
     def feed(self, data: bytes) -> list[str]:
-        text = self._text.decode(data)
+        if self._text is None:
+            self._whole.append(data)
+            return []
+        text = self._decode(data)
         if self.kind == "text":
             return [text] if text else []
-        if not self.streaming:
-            self._whole.append(text)
-            return []
         self._line += text
         if len(self._line) > MAX_LINE_BYTES and "\n" not in self._line:
             raise AnswerError("stream_line_too_long")
@@ -96,14 +96,28 @@ class AnswerDecoder:
 
     def end(self) -> list[str]:
         """What the end of the body completes; raises AnswerError for an unreadable whole answer."""
-        text = self._text.decode(b"", final=True)
+        if self._text is None:
+            body = b"".join(self._whole)
+            try:
+                text = body.decode(self._charset, errors="replace")
+            except LookupError:
+                text = body.decode("utf-8", errors="replace")
+            except UnicodeError:
+                raise AnswerError("undecodable_answer") from None
+            return [self._whole_answer(text)]
+        text = self._decode(b"", final=True)
         if self.kind == "text":
             return [text] if text else []
-        if self.streaming:
-            self._line += text
-            pieces = self._on_line(self._line) if self._line else []
-            return pieces + self._dispatch() if self.kind == "sse" else pieces
-        return [self._whole_answer("".join(self._whole) + text)]
+        self._line += text
+        pieces = self._on_line(self._line) if self._line else []
+        return pieces + self._dispatch() if self.kind == "sse" else pieces
+
+    def _decode(self, data: bytes, final: bool = False) -> str:
+        assert self._text is not None
+        try:
+            return self._text.decode(data, final)
+        except UnicodeError:  # errors="replace" does not cover all: UTF-16 without a byte-order mark
+            raise AnswerError("undecodable_answer") from None
 
     def _whole_answer(self, text: str) -> str:
         sniffed = text.lstrip()[:15].lower()

@@ -90,6 +90,10 @@ class Response:
         """The body bytes that arrived since the last call, waiting for some; b"" once the body ended."""
         return await self._connection.read_body()
 
+    def read_nowait(self) -> bytes | None:
+        """As `read`, but None instead of waiting (most answers arrive whole with their head)."""
+        return self._connection.body_ready()
+
     def release(self) -> None:
         """Hand the connection back for the next request when the body was read whole, else close it."""
         self._connection.finish()
@@ -185,16 +189,20 @@ class _Connection(asyncio.Protocol):
         return await self._head
 
     async def read_body(self) -> bytes:
-        while not self._body:
-            if self._error is not None:
-                raise self._error
-            if self._complete:
-                return b""
+        while (data := self.body_ready()) is None:
             self._body_waiter = self._loop.create_future()
             try:
                 await self._body_waiter
             finally:
                 self._body_waiter = None
+        return data
+
+    def body_ready(self) -> bytes | None:
+        """The body bytes buffered, b"" at the body's end, None while there are none yet."""
+        if not self._body:
+            if self._error is not None:
+                raise self._error
+            return b"" if self._complete else None
         data = b"".join(self._body) if len(self._body) > 1 else self._body[0]
         self._body.clear()
         self._buffered = 0
