@@ -70,23 +70,24 @@ def _body_caller(data: dict[str, object]) -> str | None:
     return None
 
 
-def _turn_number(messages: object) -> int:
-    """How many times the caller has spoken: the user entries of the history (at least 1)."""
+def _conversation(messages: object) -> tuple[int, tuple[tuple[str, str], ...]]:
+    """How many times the caller has spoken (its user entries, at least 1), and the conversation so far
+    as (role, text) pairs: the user and assistant entries with text, the last ones. One pass."""
     if not isinstance(messages, list):
-        return 1
-    return max(1, sum(1 for item in messages if isinstance(item, dict) and item.get("role") == "user"))
-
-
-def _history(messages: object) -> tuple[tuple[str, str], ...]:
-    """The conversation so far as (role, text) pairs: user and assistant entries with text, the last ones."""
-    if not isinstance(messages, list):
-        return ()
-    pairs = [
-        (item["role"], item["content"][:MAX_HISTORY_CHARS])
-        for item in messages[-MAX_HISTORY_ITEMS:]
-        if isinstance(item, dict) and item.get("role") in ("user", "assistant") and isinstance(item.get("content"), str)
-    ]
-    return tuple(pairs)
+        return 1, ()
+    spoken = 0
+    pairs = []
+    first_kept = len(messages) - MAX_HISTORY_ITEMS
+    for index, item in enumerate(messages):
+        role = item.get("role") if isinstance(item, dict) else None
+        if role == "user":
+            spoken += 1
+        elif role != "assistant":
+            continue
+        content = item.get("content")
+        if index >= first_kept and isinstance(content, str):
+            pairs.append((role, content[:MAX_HISTORY_CHARS]))
+    return max(1, spoken), tuple(pairs)
 
 
 def parse_turn(body: bytes, header_uuid: str | None = None) -> AvrTurn:
@@ -109,9 +110,8 @@ def parse_turn(body: bytes, header_uuid: str | None = None) -> AvrTurn:
         raise AvrRequestError("invalid_message", uuid)
     if len(message) > MAX_MESSAGE_CHARS:
         raise AvrRequestError("message_too_long", uuid)
-    messages = data.get("messages")
-    return AvrTurn(uuid=uuid, message=message, turn=_turn_number(messages), body_caller=_body_caller(data),
-                   history=_history(messages))
+    turn, history = _conversation(data.get("messages"))
+    return AvrTurn(uuid=uuid, message=message, turn=turn, body_caller=_body_caller(data), history=history)
 
 
 def frame(sentence: str) -> bytes:

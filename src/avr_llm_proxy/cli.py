@@ -73,6 +73,7 @@ def serve(args: argparse.Namespace) -> int:
         "timeout_keep_alive": 75,
         # The proxy decides who is local (/debug) from the socket, never from X-Forwarded-For.
         "proxy_headers": False,
+        "server_header": False,  # nothing to gain from naming the server software to every client
         "log_config": None,  # uvicorn's own lines go through our chain (numbers redacted)
     }
     if args.workers > 1:
