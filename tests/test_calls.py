@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -80,6 +82,36 @@ async def test_touch_renews_only_late_in_life(store: Store) -> None:
     aged = CallRecord(uuid=UUID, caller=stored.caller, expires_at=time.time() + 100)
     renewed = await registry.touch(aged)
     assert renewed.expires_at > time.time() + 3500
+
+
+async def test_change_redoes_an_edit_another_process_overtook(tmp_path: Path) -> None:
+    """A recapture written by another process between a change's read and its write is kept, not undone."""
+    path = tmp_path / "calls.db"
+    store = open_store(f"sqlite:///{path}")
+    other = CallRegistry(open_store(f"sqlite:///{path}"), 3600)
+    try:
+        registry = CallRegistry(store, 3600)
+        await registry.put(record())
+        recaptured = record(number="+34612345678")
+        seen: list[str | None] = []
+
+        def counted(current: CallRecord) -> CallRecord:
+            seen.append(current.caller.e164)
+            if len(seen) == 1:  # the other process writes while this edit is under way
+                raw = sqlite3.connect(path)
+                with raw:
+                    raw.execute("UPDATE calls SET value = ? WHERE key = ?", (recaptured.to_bytes(), UUID))
+                raw.close()
+            return dataclasses.replace(current, turns=3)
+
+        changed = await registry.change(UUID, counted)
+        assert seen == ["+593987654321", "+34612345678"]
+        assert changed is not None and changed.turns == 3 and changed.caller.e164 == "+34612345678"
+        found = await other.get(UUID)
+        assert found is not None and found.caller.e164 == "+34612345678" and found.turns == 3
+    finally:
+        await store.close()
+        await other.store.close()
 
 
 async def test_sqlite_shared_between_two_registries(tmp_path: Path) -> None:

@@ -67,6 +67,17 @@ class TestStoreContract:
         assert await store.get("k") == b"2"
         assert await store.put("new", b"4", time.time() + 60, replace=False) is True
 
+    async def test_swap_only_over_the_expected_value(self, store: Store) -> None:
+        """swap replaces a value only while it is still the one the caller read (compare-and-set)."""
+        await store.put("k", b"read", time.time() + 60, "t1")
+        assert await store.swap("k", b"stale", b"lost", time.time() + 60, "t1") is False
+        assert await store.get("k") == b"read"
+        assert await store.swap("k", b"read", b"new", time.time() + 60, "t1") is True
+        assert await store.get("k") == b"new"
+        assert await store.swap("missing", b"read", b"new", time.time() + 60) is False
+        assert await store.get("missing") is None
+        assert await store.delete_tagged("t1") == 1  # a swapped value still goes with its number
+
     async def test_expiry(self, store: Store) -> None:
         """After its expiry a value is not returned."""
         await store.put("short", b"v", time.time() + 0.2)

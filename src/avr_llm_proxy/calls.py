@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import structlog
 
-from .identity import CallerId
+from .identity import UNKNOWN_CALLER, CallerId
 from .observability import CAPTURES
 from .privacy import Sealer, SealError, hash_number
 from .stores import Store, StoreError
@@ -28,6 +28,8 @@ log = structlog.get_logger("avr_llm_proxy.calls")
 MAX_KEPT = 50_000
 # Decoded records kept for reuse when the store still holds the same bytes (turns of live calls).
 MAX_DECODED = 4096
+# How often `change` redoes an edit another process's write overtook before it gives up.
+MAX_CHANGE_ATTEMPTS = 5
 
 @dataclass(frozen=True, slots=True)
 class CallRecord:
@@ -61,6 +63,8 @@ class CallRecord:
 
 # A late source is asked for a caller the store does not have (the legacy file is one).
 LateSource = Callable[[str], Awaitable["CallRecord | None"]]
+# A record with the bytes it is stored as.
+_Stored = tuple[bytes, CallRecord]
 
 
 @dataclass(slots=True)
@@ -89,12 +93,19 @@ class RecentCalls:
         activity.last_status = status
         activity.last_latency_ms = latency_ms
         activity.last_turn_at = time.time()
-        self._calls[uuid] = activity
+        self._keep(activity)
+
+    def first_wait(self, uuid: str) -> bool:
+        """True for the first turn of a call to wait for its caller here (later ones do not wait again)."""
+        if uuid in self._calls:
+            return False
+        self._keep(CallActivity(uuid, UNKNOWN_CALLER, last_status="waiting_for_caller"))
+        return True
+
+    def _keep(self, activity: CallActivity) -> None:
+        self._calls[activity.uuid] = activity
         if len(self._calls) > self._size:
             self._calls.popitem(last=False)
-
-    def seen(self, uuid: str) -> bool:
-        return uuid in self._calls
 
     def latest(self) -> list[CallActivity]:
         return list(reversed(self._calls.values()))
@@ -133,14 +144,14 @@ class CallRegistry:
         """Wake waiting turns on captures made by other processes (where the store can tell)."""
         self.store.listen(self._wake)
 
-    def _remember(self, data: bytes, record: CallRecord) -> CallRecord:
-        self._known[record.uuid] = (data, record)
+    def _remember(self, data: bytes, record: CallRecord) -> _Stored:
+        stored = self._known[record.uuid] = (data, record)
         self._known.move_to_end(record.uuid)
         if len(self._known) > self._known_size:
             self._known.popitem(last=False)
-        return record
+        return stored
 
-    def _kept_record(self, uuid: str) -> CallRecord | None:
+    def _kept(self, uuid: str) -> _Stored | None:
         """A live call's record this process holds, for when a volatile store lost it."""
         known = self._known.get(uuid) if self.store.volatile else None
         if known is None:
@@ -148,7 +159,7 @@ class CallRegistry:
         if known[1].expires_at <= time.time():
             del self._known[uuid]
             return None
-        return known[1]
+        return known
 
     def _wake(self, uuid: str) -> None:
         if uuid.startswith("-"):  # erased by another process
@@ -162,15 +173,16 @@ class CallRegistry:
         """Record (or replace) a caller and wake every turn of this process waiting for it."""
         stored = await self._save(record)
         assert stored is not None, "a replacing put always stores"
-        CAPTURES.labels(source=stored.caller.source).inc()
-        return stored
+        CAPTURES.labels(source=stored[1].caller.source).inc()
+        return stored[1]
 
     async def add(self, record: CallRecord) -> CallRecord | None:
         """Record a caller unless the call already has a live record (then None)."""
         stored = await self._save(record, replace=False)
-        if stored is not None:
-            CAPTURES.labels(source=stored.caller.source).inc()
-        return stored
+        if stored is None:
+            return None
+        CAPTURES.labels(source=stored[1].caller.source).inc()
+        return stored[1]
 
     def number_tag(self, caller: CallerId, key: bytes | None = None) -> str | None:
         """The keyed hash a record is found by when its number must be erased."""
@@ -178,46 +190,58 @@ class CallRegistry:
         key = key or self.hash_key
         return hash_number(number, key) if number and key else None
 
-    async def _save(self, record: CallRecord, replace: bool = True, ttl: float | None = None) -> CallRecord | None:
+    async def _save(self, record: CallRecord, replace: bool = True, ttl: float | None = None,
+                    over: bytes | None = None) -> _Stored | None:
+        """Store a record for `ttl` seconds (default: the TTL); `over`: only over exactly those bytes."""
         stored = dataclasses.replace(record, expires_at=time.time() + (self.ttl_seconds if ttl is None else ttl))
         data = stored.to_bytes()
         if self.sealer is not None:
             data = self.sealer.seal(data)
-        if not await self.store.put(stored.uuid, data, stored.expires_at, self.number_tag(stored.caller), replace):
+        tag = self.number_tag(stored.caller)
+        if over is not None:
+            if not await self.store.swap(stored.uuid, over, data, stored.expires_at, tag):
+                return None
+        elif not await self.store.put(stored.uuid, data, stored.expires_at, tag, replace):
             return None
         self._wake(stored.uuid)
         return self._remember(data, stored)
 
     async def get(self, uuid: str) -> CallRecord | None:
         """The record from the store, else from a late source (then kept in the store)."""
+        found = await self._lookup(uuid)
+        return found[1] if found else None
+
+    async def _lookup(self, uuid: str) -> _Stored | None:
+        """`get` with the stored bytes, which a change must find unchanged to replace."""
         try:
             data = await self.store.get(uuid)
         except StoreError:
-            kept = self._kept_record(uuid)
+            kept = self._kept(uuid)
             if kept is None:
                 raise
             return kept
         if data is not None:
             known = self._known.get(uuid)
             if known is not None and known[0] == data:
-                return known[1]
+                return known
             try:
                 return self._remember(data, CallRecord.from_bytes(self.sealer.open(data) if self.sealer else data))
             except (ValueError, KeyError, TypeError, SealError) as exc:
                 raise StoreError(f"unreadable record: {type(exc).__name__}") from exc
         if not self.store.volatile:
             self._known.pop(uuid, None)  # expired or erased (perhaps by another process): not kept here either
-        kept = self._kept_record(uuid)
+        kept = self._kept(uuid)
         if kept is not None:
             # The store lost a live call's record (restarted without persistence): put it back.
             log.warning("record_restored", uuid=uuid)
             with contextlib.suppress(StoreError):
-                await self._save(kept)
+                return await self._save(kept[1])
             return kept
         for source in self._late_sources:
             found = await source(uuid)
             if found is not None:
-                return await self.put(found)
+                await self.put(found)
+                return self._known[uuid]
         return None
 
     async def wait(self, uuid: str, within: float) -> CallRecord | None:
@@ -252,13 +276,30 @@ class CallRegistry:
         """Keep a long call's record alive: renew its expiry once half the TTL has passed (not after its end)."""
         if record.ended_at is not None or record.expires_at - time.time() > self.ttl_seconds / 2:
             return record
-        return await self._save(record) or record
+        renewed = await self.change(record.uuid, lambda current: None if current.ended_at is not None else current,
+                                    ttl=self.ttl_seconds)
+        return renewed or record
 
-    async def update(self, record: CallRecord, ttl: float | None = None) -> CallRecord:
-        """Store a changed record (lifecycle fields), optionally with a new retention."""
-        stored = await self._save(record, ttl=ttl)
-        assert stored is not None, "a replacing save always stores"
-        return stored
+    async def change(self, uuid: str, edit: Callable[[CallRecord], CallRecord | None], ttl: float | None = None,
+                     ) -> CallRecord | None:
+        """Store `edit(record)` (None: leave it) unless another write came since it was read; then edit that.
+
+        Turn counts, lifecycle marks and recaptures come from different processes at the same time:
+        a plain read-modify-write would let one undo another (a recapture lost to a turn count).
+        `ttl`: seconds from now; None keeps the record's expiry. None back when there is no record.
+        """
+        for _ in range(MAX_CHANGE_ATTEMPTS):
+            found = await self._lookup(uuid)
+            if found is None:
+                return None
+            edited = edit(found[1])
+            if edited is None:
+                return found[1]
+            keep = ttl if ttl is not None else max(1.0, edited.expires_at - time.time())
+            stored = await self._save(edited, ttl=keep, over=found[0])
+            if stored is not None:
+                return stored[1]
+        raise StoreError(f"record changed by others {MAX_CHANGE_ATTEMPTS} times while being updated")
 
     async def forget(self, uuid: str) -> bool:
         self._known.pop(uuid, None)

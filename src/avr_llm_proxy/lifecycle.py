@@ -97,17 +97,23 @@ class Lifecycle:
             )
             # A capture from the dialplan (AGI, CURL) knows presentation and name: it is never replaced.
             record = record or await self.registry.add(captured) or await self.registry.get(event.uuid)
-        elif record is not None and event.type == "call_started":
-            record = await self.registry.update(dataclasses.replace(record, started_at=time.time()))
-        elif record is not None and event.type == "call_ended":
-            record = await self.registry.update(dataclasses.replace(record, ended_at=time.time()),
-                                                ttl=min(ENDED_RETENTION_S, self.registry.ttl_seconds))
+        elif record is not None and event.type in ("call_started", "call_ended"):
+            record = await self._mark(event)
         log.info("call_event", uuid=event.uuid, type=event.type, known=record is not None)
         if self.client is not None:
             task = asyncio.create_task(self._forward(event, record))
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
         return record
+
+    async def _mark(self, event: Event) -> CallRecord | None:
+        """The start or end time on the record; after its end the record is kept only a short while."""
+        now = time.time()
+        if event.type == "call_started":
+            return await self.registry.change(
+                event.uuid, lambda current: dataclasses.replace(current, started_at=now), ttl=self.registry.ttl_seconds)
+        return await self.registry.change(event.uuid, lambda current: dataclasses.replace(current, ended_at=now),
+                                          ttl=min(ENDED_RETENTION_S, self.registry.ttl_seconds))
 
     def enriched(self, event: Event, record: CallRecord | None) -> dict[str, Any]:
         caller = record.caller if record else None

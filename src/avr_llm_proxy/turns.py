@@ -171,7 +171,7 @@ class Turns:
         if turn.body_caller is not None:
             caller = parse_caller(turn.body_caller, source="body", region=self.policy.region)
             return await self.registry.put(CallRecord(uuid=turn.uuid, caller=caller))
-        if self.policy.caller_wait_s <= 0 or self.registry.recent.seen(turn.uuid):
+        if self.policy.caller_wait_s <= 0 or not self.registry.recent.first_wait(turn.uuid):
             # Waited on an earlier turn already: a capture that late would still be found above.
             return None
         record = await self.registry.wait(turn.uuid, self.policy.caller_wait_s)
@@ -228,9 +228,9 @@ class Turns:
             if not outcome.sentences and not texts:
                 raise UpstreamError("empty_answer", info.status)
             outcome.upstream_ms = (time.perf_counter() - asked) * 1000
-            await outcome.answer(texts, last=True)
             verdict = True
-            breaker.success()
+            breaker.success()  # before the answer's end: whoever asks next sees the circuit as it is
+            await outcome.answer(texts, last=True)
             outcome.status = str(info.status or "ok")
             UPSTREAM_LATENCY.labels(outcome="ok").observe(outcome.upstream_ms / 1000)
             TURNS.labels(outcome="answered").inc()
@@ -293,13 +293,12 @@ class Turns:
     def _count(self, record: CallRecord, turns: int) -> None:
         """Keep the record's turn count (for `calls` and EVENTS_URL) in the background, off the turn's path."""
 
+        def counted(current: CallRecord) -> CallRecord | None:
+            return dataclasses.replace(current, turns=turns) if turns > current.turns else None
+
         async def update() -> None:
             try:
-                # Read again: call_ended (or a later turn) may have changed the record since this turn began.
-                fresh = await self.registry.get(record.uuid)
-                if fresh is not None and turns > fresh.turns:
-                    await self.registry.update(dataclasses.replace(fresh, turns=turns),
-                                               ttl=max(1.0, fresh.expires_at - time.time()))
+                await self.registry.change(record.uuid, counted)
             except StoreError as exc:
                 log.info("turn_count_not_stored", uuid=record.uuid, reason=str(exc))
 

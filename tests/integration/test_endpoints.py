@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import uuid as uuidlib
 from pathlib import Path
@@ -33,8 +34,12 @@ async def test_debug_lists_calls_masked(tmp_path: Path) -> None:
     async with running_proxy(make_settings(tmp_path)) as proxy:
         await register_caller(proxy.url, call, "+593987654321", "Juan Perez", None, "json")
         await play_call(proxy.url, call, ["hola", "pedido"])
-        reply = await http_request(f"{proxy.url}/debug", b"", method="GET")
-    data = orjson.loads(b"".join(reply.chunks))
+        for _ in range(50):  # a turn is noted just after its answer
+            reply = await http_request(f"{proxy.url}/debug", b"", method="GET")
+            data = orjson.loads(b"".join(reply.chunks))
+            if data["calls"] and data["calls"][0]["turns"] == 2:
+                break
+            await asyncio.sleep(0.01)
     assert reply.status == 200
     entry = data["calls"][0]
     assert entry["uuid"] == call and entry["caller_number"] == "+593*****4321" and entry["turns"] == 2
@@ -57,6 +62,7 @@ async def test_health_ready_metrics(tmp_path: Path) -> None:
     async with running_proxy(make_settings(tmp_path)) as proxy:
         await register_caller(proxy.url, call, "+593987654321", None, None, "json")
         await play_call(proxy.url, call, ["hola"])
+        await asyncio.sleep(0.05)  # a turn's metrics are recorded just after its answer
         health = await http_request(f"{proxy.url}/healthz", b"", method="GET")
         ready = await http_request(f"{proxy.url}/readyz", b"", method="GET")
         metrics = await http_request(f"{proxy.url}/metrics", b"", method="GET")

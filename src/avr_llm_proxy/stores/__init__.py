@@ -29,6 +29,13 @@ class Store(Protocol):
         """
         ...
 
+    async def swap(self, key: str, expected: bytes, value: bytes, expires_at: float, tag: str | None = None) -> bool:
+        """Replace a live value only while it is still exactly `expected` (compare-and-set).
+
+        False when another write came first: the caller reads again and redoes its change on that.
+        """
+        ...
+
     async def delete_tagged(self, tag: str) -> int:
         """Delete every value stored with `tag`; returns how many."""
         ...

@@ -28,6 +28,12 @@ class MemoryStore:
         self._data[key] = (expires_at, value, tag)
         return True
 
+    async def swap(self, key: str, expected: bytes, value: bytes, expires_at: float, tag: str | None = None) -> bool:
+        if await self.get(key) != expected:
+            return False
+        self._data[key] = (expires_at, value, tag)
+        return True
+
     async def get(self, key: str) -> bytes | None:
         entry = self._data.get(key)
         if entry is None:

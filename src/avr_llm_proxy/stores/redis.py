@@ -32,6 +32,12 @@ POOL_WAIT_S = 2.0
 # A Redis that accepts but stops answering must not keep a caller in silence: redis-py's own socket
 # timeout and retries could add up to several seconds, so a turn's read has one deadline of its own.
 READ_DEADLINE_S = 1.0
+# Compare-and-set in one step on the server: another replica's write between a read and this one wins.
+_SWAP = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
 
 
 def _bytes(value: object) -> bytes:
@@ -58,6 +64,7 @@ class RedisStore:
             health_check_interval=15, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3), retry_on_timeout=True,
         )
         self._client = aioredis.Redis(connection_pool=pool)
+        self._swap = self._client.register_script(_SWAP)
         self._listener: asyncio.Task[None] | None = None
 
     async def put(self, key: str, value: bytes, expires_at: float, tag: str | None = None, replace: bool = True,
@@ -65,21 +72,34 @@ class RedisStore:
         ttl_ms = max(1, int((expires_at - time.time()) * 1000))
         try:
             stored = await self._client.set(PREFIX + "call:" + key, value, px=ttl_ms, nx=not replace)
-            if not stored:
-                return False
-            async with self._client.pipeline(transaction=False) as pipe:
-                if tag:
-                    # The set lives as long as the number's longest-living call: set once, only ever extended.
-                    pipe.sadd(PREFIX + "tag:" + tag, key)
-                    pipe.pexpire(PREFIX + "tag:" + tag, ttl_ms, nx=True)
-                    pipe.pexpire(PREFIX + "tag:" + tag, ttl_ms, gt=True)
-                pipe.zadd(RECENT, {key: expires_at})
-                pipe.zremrangebyrank(RECENT, 0, -RECENT_SIZE - 1)
-                pipe.publish(CHANNEL, key)
-                await pipe.execute()
+            if stored:
+                await self._stored(key, expires_at, tag, ttl_ms)
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis write failed: {type(exc).__name__}: {exc}") from exc
-        return True
+        return bool(stored)
+
+    async def swap(self, key: str, expected: bytes, value: bytes, expires_at: float, tag: str | None = None) -> bool:
+        ttl_ms = max(1, int((expires_at - time.time()) * 1000))
+        try:
+            swapped = await self._swap(keys=[PREFIX + "call:" + key], args=[expected, value, ttl_ms])
+            if swapped:
+                await self._stored(key, expires_at, tag, ttl_ms)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis write failed: {type(exc).__name__}: {exc}") from exc
+        return bool(swapped)
+
+    async def _stored(self, key: str, expires_at: float, tag: str | None, ttl_ms: int) -> None:
+        """The indexes of a value just written, and the news of it for the other replicas."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            if tag:
+                # The set lives as long as the number's longest-living call: set once, only ever extended.
+                pipe.sadd(PREFIX + "tag:" + tag, key)
+                pipe.pexpire(PREFIX + "tag:" + tag, ttl_ms, nx=True)
+                pipe.pexpire(PREFIX + "tag:" + tag, ttl_ms, gt=True)
+            pipe.zadd(RECENT, {key: expires_at})
+            pipe.zremrangebyrank(RECENT, 0, -RECENT_SIZE - 1)
+            pipe.publish(CHANNEL, key)
+            await pipe.execute()
 
     async def get(self, key: str) -> bytes | None:
         try:

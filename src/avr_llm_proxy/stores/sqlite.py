@@ -51,6 +51,7 @@ class SqliteStore:
                 self._writer.execute("ALTER TABLE calls ADD COLUMN tag TEXT")
             self._writer.executescript(_SCHEMA)
             self._reader = _connect(path)
+            self._get = self._reader.cursor()  # one cursor for the turn path's look-ups, not one per read
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open SQLite store {path}: {exc}") from exc
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
@@ -79,12 +80,19 @@ class SqliteStore:
         )
         return changed > 0
 
+    async def swap(self, key: str, expected: bytes, value: bytes, expires_at: float, tag: str | None = None) -> bool:
+        changed = await self._write(
+            "UPDATE calls SET value = ?, expires_at = ?, tag = ? WHERE key = ? AND value = ? AND expires_at > ?",
+            (value, expires_at, tag, key, expected, time.time()),
+        )
+        return changed > 0
+
     async def delete_tagged(self, tag: str) -> int:
         return await self._write("DELETE FROM calls WHERE tag = ?", (tag,))
 
     async def get(self, key: str) -> bytes | None:
         try:
-            row = self._reader.execute(
+            row = self._get.execute(
                 "SELECT value FROM calls WHERE key = ? AND expires_at > ?", (key, time.time())
             ).fetchone()
         except sqlite3.Error as exc:
