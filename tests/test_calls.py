@@ -114,6 +114,74 @@ async def test_change_redoes_an_edit_another_process_overtook(tmp_path: Path) ->
         await other.store.close()
 
 
+async def test_sqlite_stamp_changes_with_every_write_but_quiet_ones(tmp_path: Path) -> None:
+    """Another process's handle sees the stamp change on each write it must see; counts stay quiet."""
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    writer, reader = open_store(url), open_store(url)
+    try:
+        stamps = [reader.stamp()]
+        await writer.put("k", b"1", time.time() + 60)
+        stamps.append(reader.stamp())
+        assert await writer.swap("k", b"1", b"2", time.time() + 60, notify=False)
+        assert reader.stamp() == stamps[-1]
+        assert not await writer.swap("k", b"stale", b"3", time.time() + 60)
+        assert reader.stamp() == stamps[-1]
+        assert await writer.swap("k", b"2", b"3", time.time() + 60)
+        stamps.append(reader.stamp())
+        assert await writer.delete("k")
+        stamps.append(reader.stamp())
+        assert None not in stamps and len(set(stamps)) == 4
+    finally:
+        await writer.close()
+        await reader.close()
+
+
+async def test_held_record_is_used_while_the_stamp_stays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker reuses the record it read while no process wrote; another worker's recapture is seen at once."""
+    path = tmp_path / "calls.db"
+    mine, theirs = (CallRegistry(open_store(f"sqlite:///{path}"), 3600) for _ in range(2))
+    try:
+        await theirs.put(record())
+        assert (await mine.get(UUID)).caller.e164 == "+593987654321"  # type: ignore[union-attr]
+        await theirs.change(UUID, lambda current: dataclasses.replace(current, turns=4), notify=False)
+        raw = sqlite3.connect(path)  # behind the stores' backs: no stamp renewed, so not seen
+        with raw:
+            raw.execute("UPDATE calls SET value = ? WHERE key = ?", (record(number="+14155550100").to_bytes(), UUID))
+        raw.close()
+        held = await mine.get(UUID)
+        assert held is not None and held.caller.e164 == "+593987654321" and held.turns == 0
+        await theirs.put(record(number="+34612345678"))
+        assert (await mine.get(UUID)).caller.e164 == "+34612345678"  # type: ignore[union-attr]
+        await theirs.forget(UUID)
+        assert await mine.get(UUID) is None
+        await theirs.put(record())
+        assert await mine.get(UUID) is not None
+        monkeypatch.setattr("avr_llm_proxy.calls.MAX_TRUSTED_S", 0.0)  # a held record is trusted only so long
+        raw = sqlite3.connect(path)
+        with raw:
+            raw.execute("DELETE FROM calls")
+        raw.close()
+        assert await mine.get(UUID) is None
+    finally:
+        await mine.store.close()
+        await theirs.store.close()
+
+
+async def test_sqlite_without_a_stamp_reads_every_time(tmp_path: Path, logs) -> None:  # type: ignore[no-untyped-def]
+    """A stamp file that cannot be made (a symlink planted there) only costs reads, with a warning."""
+    path = tmp_path / "calls.db"
+    (tmp_path / "calls.db.changes").symlink_to(tmp_path / "elsewhere")
+    store = open_store(f"sqlite:///{path}")
+    try:
+        assert store.stamp() is None and not (tmp_path / "elsewhere").exists()
+        registry = CallRegistry(store, 3600)
+        await registry.put(record())
+        assert (await registry.get(UUID)).caller.e164 == "+593987654321"  # type: ignore[union-attr]
+    finally:
+        await store.close()
+    assert any('"sqlite_stamp_unavailable"' in line for line in logs())
+
+
 async def test_sqlite_shared_between_two_registries(tmp_path: Path) -> None:
     """Two processes' registries on one SQLite file see each other's captures (the wait polls)."""
     url = f"sqlite:///{tmp_path / 'shared.db'}"

@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import structlog
@@ -30,6 +30,8 @@ MAX_KEPT = 50_000
 MAX_DECODED = 4096
 # How often `change` redoes an edit another process's write overtook before it gives up.
 MAX_CHANGE_ATTEMPTS = 5
+# How long a record held here is used on the store's word that nothing changed, before it is read again.
+MAX_TRUSTED_S = 60.0
 
 @dataclass(frozen=True, slots=True)
 class CallRecord:
@@ -63,8 +65,15 @@ class CallRecord:
 
 # A late source is asked for a caller the store does not have (the legacy file is one).
 LateSource = Callable[[str], Awaitable["CallRecord | None"]]
-# A record with the bytes it is stored as.
-_Stored = tuple[bytes, CallRecord]
+
+
+class _Known(NamedTuple):
+    """A record as this process last stored or read it."""
+
+    data: bytes  # as stored (sealed where the store is durable)
+    record: CallRecord
+    stamp: bytes | None = None  # the store's change stamp just before the read; None: read again
+    read_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -129,12 +138,13 @@ class CallRegistry:
         self.sealer = sealer if store.durable else None
         self.hash_key = hash_key
         self.older_hash_keys = tuple(older_hash_keys)
-        # The last record this process stored or read per call, with its stored bytes. A turn whose
-        # store read returns the same bytes reuses it instead of decrypting and parsing again (~90 us
-        # with cold caches, at avr-core's pace). With a volatile store the records of live calls are
-        # also what heals it: when the shared store loses them (a Redis restart, a connection cut)
-        # the call still has its caller and the store gets it back.
-        self._known: OrderedDict[str, tuple[bytes, CallRecord]] = OrderedDict()
+        # The last record this process stored or read per call, with its stored bytes. A turn uses it
+        # without a store read while the store's change stamp is the one seen at that read (SQLite:
+        # ~100 us saved per turn, with cold caches at avr-core's pace), and without decrypting and
+        # parsing again when the store returns the same bytes. With a volatile store the records of
+        # live calls are also what heals it: when the shared store loses them (a Redis restart, a
+        # connection cut) the call still has its caller and the store gets it back.
+        self._known: OrderedDict[str, _Known] = OrderedDict()
         self._known_size = MAX_KEPT if store.volatile else MAX_DECODED
         self.recent = RecentCalls()
         self._late_sources = tuple(late_sources)
@@ -144,19 +154,20 @@ class CallRegistry:
         """Wake waiting turns on captures made by other processes (where the store can tell)."""
         self.store.listen(self._wake)
 
-    def _remember(self, data: bytes, record: CallRecord) -> _Stored:
-        stored = self._known[record.uuid] = (data, record)
+    def _remember(self, data: bytes, record: CallRecord, stamp: bytes | None = None, read_at: float = 0.0,
+                  ) -> _Known:
+        known = self._known[record.uuid] = _Known(data, record, stamp, read_at)
         self._known.move_to_end(record.uuid)
         if len(self._known) > self._known_size:
             self._known.popitem(last=False)
-        return stored
+        return known
 
-    def _kept(self, uuid: str) -> _Stored | None:
+    def _kept(self, uuid: str) -> _Known | None:
         """A live call's record this process holds, for when a volatile store lost it."""
         known = self._known.get(uuid) if self.store.volatile else None
         if known is None:
             return None
-        if known[1].expires_at <= time.time():
+        if known.record.expires_at <= time.time():
             del self._known[uuid]
             return None
         return known
@@ -173,16 +184,16 @@ class CallRegistry:
         """Record (or replace) a caller and wake every turn of this process waiting for it."""
         stored = await self._save(record)
         assert stored is not None, "a replacing put always stores"
-        CAPTURES.labels(source=stored[1].caller.source).inc()
-        return stored[1]
+        CAPTURES.labels(source=stored.record.caller.source).inc()
+        return stored.record
 
     async def add(self, record: CallRecord) -> CallRecord | None:
         """Record a caller unless the call already has a live record (then None)."""
         stored = await self._save(record, replace=False)
         if stored is None:
             return None
-        CAPTURES.labels(source=stored[1].caller.source).inc()
-        return stored[1]
+        CAPTURES.labels(source=stored.record.caller.source).inc()
+        return stored.record
 
     def number_tag(self, caller: CallerId, key: bytes | None = None) -> str | None:
         """The keyed hash a record is found by when its number must be erased."""
@@ -191,28 +202,41 @@ class CallRegistry:
         return hash_number(number, key) if number and key else None
 
     async def _save(self, record: CallRecord, replace: bool = True, ttl: float | None = None,
-                    over: bytes | None = None) -> _Stored | None:
-        """Store a record for `ttl` seconds (default: the TTL); `over`: only over exactly those bytes."""
+                    over: _Known | None = None, notify: bool = True) -> _Known | None:
+        """Store a record for `ttl` seconds (default: the TTL); `over`: only over exactly that stored record.
+
+        notify=False: other processes may go on with the record they hold (only a count changed).
+        """
         stored = dataclasses.replace(record, expires_at=time.time() + (self.ttl_seconds if ttl is None else ttl))
         data = stored.to_bytes()
         if self.sealer is not None:
             data = self.sealer.seal(data)
         tag = self.number_tag(stored.caller)
         if over is not None:
-            if not await self.store.swap(stored.uuid, over, data, stored.expires_at, tag):
+            if not await self.store.swap(stored.uuid, over.data, data, stored.expires_at, tag, notify):
                 return None
         elif not await self.store.put(stored.uuid, data, stored.expires_at, tag, replace):
             return None
         self._wake(stored.uuid)
+        if over is not None and not notify:
+            return self._remember(data, stored, over.stamp, over.read_at)  # the stamp is still this process's own
         return self._remember(data, stored)
 
     async def get(self, uuid: str) -> CallRecord | None:
-        """The record from the store, else from a late source (then kept in the store)."""
+        """The record: the one held here while the store says nothing changed, else the store's, else
+        a late source's (then kept in the store)."""
+        known = self._known.get(uuid)
+        if known is not None and known.stamp is not None:
+            now = time.time()
+            if known.stamp == self.store.stamp() and now - known.read_at < MAX_TRUSTED_S and \
+                    known.record.expires_at > now:
+                return known.record
         found = await self._lookup(uuid)
-        return found[1] if found else None
+        return found.record if found else None
 
-    async def _lookup(self, uuid: str) -> _Stored | None:
-        """`get` with the stored bytes, which a change must find unchanged to replace."""
+    async def _lookup(self, uuid: str) -> _Known | None:
+        """The record as stored now (with its bytes, which a change must find unchanged to replace)."""
+        stamp = self.store.stamp()  # before the read: a write after it changes the stamp
         try:
             data = await self.store.get(uuid)
         except StoreError:
@@ -222,12 +246,12 @@ class CallRegistry:
             return kept
         if data is not None:
             known = self._known.get(uuid)
-            if known is not None and known[0] == data:
-                return known
+            record = known.record if known is not None and known.data == data else None
             try:
-                return self._remember(data, CallRecord.from_bytes(self.sealer.open(data) if self.sealer else data))
+                record = record or CallRecord.from_bytes(self.sealer.open(data) if self.sealer else data)
             except (ValueError, KeyError, TypeError, SealError) as exc:
                 raise StoreError(f"unreadable record: {type(exc).__name__}") from exc
+            return self._remember(data, record, stamp, time.time())
         if not self.store.volatile:
             self._known.pop(uuid, None)  # expired or erased (perhaps by another process): not kept here either
         kept = self._kept(uuid)
@@ -235,7 +259,7 @@ class CallRegistry:
             # The store lost a live call's record (restarted without persistence): put it back.
             log.warning("record_restored", uuid=uuid)
             with contextlib.suppress(StoreError):
-                return await self._save(kept[1])
+                return await self._save(kept.record)
             return kept
         for source in self._late_sources:
             found = await source(uuid)
@@ -277,28 +301,29 @@ class CallRegistry:
         if record.ended_at is not None or record.expires_at - time.time() > self.ttl_seconds / 2:
             return record
         renewed = await self.change(record.uuid, lambda current: None if current.ended_at is not None else current,
-                                    ttl=self.ttl_seconds)
+                                    ttl=self.ttl_seconds, notify=False)
         return renewed or record
 
     async def change(self, uuid: str, edit: Callable[[CallRecord], CallRecord | None], ttl: float | None = None,
-                     ) -> CallRecord | None:
+                     notify: bool = True) -> CallRecord | None:
         """Store `edit(record)` (None: leave it) unless another write came since it was read; then edit that.
 
         Turn counts, lifecycle marks and recaptures come from different processes at the same time:
         a plain read-modify-write would let one undo another (a recapture lost to a turn count).
-        `ttl`: seconds from now; None keeps the record's expiry. None back when there is no record.
+        `ttl`: seconds from now; None keeps the record's expiry. notify=False: a change no turn needs
+        at once (a count, a renewal). None back when there is no record.
         """
         for _ in range(MAX_CHANGE_ATTEMPTS):
             found = await self._lookup(uuid)
             if found is None:
                 return None
-            edited = edit(found[1])
+            edited = edit(found.record)
             if edited is None:
-                return found[1]
+                return found.record
             keep = ttl if ttl is not None else max(1.0, edited.expires_at - time.time())
-            stored = await self._save(edited, ttl=keep, over=found[0])
+            stored = await self._save(edited, ttl=keep, over=found, notify=notify)
             if stored is not None:
-                return stored[1]
+                return stored.record
         raise StoreError(f"record changed by others {MAX_CHANGE_ATTEMPTS} times while being updated")
 
     async def forget(self, uuid: str) -> bool:
@@ -316,7 +341,7 @@ class CallRegistry:
     async def forget_number(self, caller: CallerId) -> int:
         """Erase every record of this caller's number; returns how many went."""
         tags = {self.number_tag(caller, key) for key in (self.hash_key, *self.older_hash_keys)} - {None}
-        for uuid in [uuid for uuid, (_, record) in self._known.items() if self.number_tag(record.caller) in tags]:
+        for uuid in [uuid for uuid, known in self._known.items() if self.number_tag(known.record.caller) in tags]:
             del self._known[uuid]
         return sum([await self.store.delete_tagged(tag) for tag in tags if tag])
 

@@ -298,7 +298,7 @@ class Turns:
 
         async def update() -> None:
             try:
-                await self.registry.change(record.uuid, counted)
+                await self.registry.change(record.uuid, counted, notify=False)
             except StoreError as exc:
                 log.info("turn_count_not_stored", uuid=record.uuid, reason=str(exc))
 

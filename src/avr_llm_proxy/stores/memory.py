@@ -28,11 +28,15 @@ class MemoryStore:
         self._data[key] = (expires_at, value, tag)
         return True
 
-    async def swap(self, key: str, expected: bytes, value: bytes, expires_at: float, tag: str | None = None) -> bool:
+    async def swap(self, key: str, expected: bytes, value: bytes, expires_at: float, tag: str | None = None,
+                   notify: bool = True) -> bool:
         if await self.get(key) != expected:
             return False
         self._data[key] = (expires_at, value, tag)
         return True
+
+    def stamp(self) -> bytes | None:
+        return None  # a read is a dictionary look-up: nothing to save
 
     async def get(self, key: str) -> bytes | None:
         entry = self._data.get(key)

@@ -78,17 +78,21 @@ class RedisStore:
             raise StoreError(f"Redis write failed: {type(exc).__name__}: {exc}") from exc
         return bool(stored)
 
-    async def swap(self, key: str, expected: bytes, value: bytes, expires_at: float, tag: str | None = None) -> bool:
+    async def swap(self, key: str, expected: bytes, value: bytes, expires_at: float, tag: str | None = None,
+                   notify: bool = True) -> bool:
         ttl_ms = max(1, int((expires_at - time.time()) * 1000))
         try:
             swapped = await self._swap(keys=[PREFIX + "call:" + key], args=[expected, value, ttl_ms])
             if swapped:
-                await self._stored(key, expires_at, tag, ttl_ms)
+                await self._stored(key, expires_at, tag, ttl_ms, notify)
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis write failed: {type(exc).__name__}: {exc}") from exc
         return bool(swapped)
 
-    async def _stored(self, key: str, expires_at: float, tag: str | None, ttl_ms: int) -> None:
+    def stamp(self) -> bytes | None:
+        return None  # every turn reads: a replica's write is seen at once, whatever its pub/sub connection
+
+    async def _stored(self, key: str, expires_at: float, tag: str | None, ttl_ms: int, notify: bool = True) -> None:
         """The indexes of a value just written, and the news of it for the other replicas."""
         async with self._client.pipeline(transaction=False) as pipe:
             if tag:
@@ -98,7 +102,8 @@ class RedisStore:
                 pipe.pexpire(PREFIX + "tag:" + tag, ttl_ms, gt=True)
             pipe.zadd(RECENT, {key: expires_at})
             pipe.zremrangebyrank(RECENT, 0, -RECENT_SIZE - 1)
-            pipe.publish(CHANNEL, key)
+            if notify:
+                pipe.publish(CHANNEL, key)
             await pipe.execute()
 
     async def get(self, key: str) -> bytes | None:

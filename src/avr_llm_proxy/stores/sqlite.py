@@ -2,18 +2,31 @@
 
 WAL lets readers run beside the single writer. Reads are short indexed look-ups done on the event
 loop; writes go through one dedicated thread so a busy lock never stalls the loop.
+
+Beside the database, `<file>.changes` holds 8 random bytes that every process writing to it renews
+after each commit (quiet swaps aside), mapped into memory by each process: `stamp()` costs no
+system call, and a worker holding a record need not read it again while the stamp stays the same.
 """
 
 from __future__ import annotations
 
 import asyncio
+import mmap
+import os
+import random
 import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import structlog
+
 from . import StoreError
+
+log = structlog.get_logger("avr_llm_proxy.stores.sqlite")
+STAMP_SUFFIX = ".changes"
+STAMP_BYTES = 8
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -25,6 +38,22 @@ CREATE TABLE IF NOT EXISTS calls (
 CREATE INDEX IF NOT EXISTS calls_expiry ON calls (expires_at);
 CREATE INDEX IF NOT EXISTS calls_tag ON calls (tag);
 """
+
+
+def _map_stamp(path: str) -> mmap.mmap | None:
+    """The shared change stamp beside the database; None (every read goes to SQLite) if it cannot be made."""
+    try:
+        fd = os.open(path + STAMP_SUFFIX, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size < STAMP_BYTES:
+                os.ftruncate(fd, STAMP_BYTES)
+            return mmap.mmap(fd, STAMP_BYTES)
+        finally:
+            os.close(fd)
+    except (OSError, ValueError) as exc:
+        log.warning("sqlite_stamp_unavailable", path=path + STAMP_SUFFIX, reason=str(exc),
+                    effect="every turn reads its record from SQLite")
+        return None
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -55,10 +84,15 @@ class SqliteStore:
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open SQLite store {path}: {exc}") from exc
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+        self._stamp = _map_stamp(path)
 
-    async def _write(self, sql: str, params: tuple[object, ...]) -> int:
+    async def _write(self, sql: str, params: tuple[object, ...], notify: bool = True) -> int:
         def run() -> int:
-            return self._writer.execute(sql, params).rowcount
+            changed = self._writer.execute(sql, params).rowcount
+            if changed > 0 and notify and self._stamp is not None:
+                # After the commit: a reader that sees the new stamp finds the new row.
+                self._stamp[:STAMP_BYTES] = random.getrandbits(8 * STAMP_BYTES).to_bytes(STAMP_BYTES, "little")
+            return changed
 
         try:
             return await asyncio.get_running_loop().run_in_executor(self._thread, run)
@@ -80,12 +114,16 @@ class SqliteStore:
         )
         return changed > 0
 
-    async def swap(self, key: str, expected: bytes, value: bytes, expires_at: float, tag: str | None = None) -> bool:
+    async def swap(self, key: str, expected: bytes, value: bytes, expires_at: float, tag: str | None = None,
+                   notify: bool = True) -> bool:
         changed = await self._write(
             "UPDATE calls SET value = ?, expires_at = ?, tag = ? WHERE key = ? AND value = ? AND expires_at > ?",
-            (value, expires_at, tag, key, expected, time.time()),
+            (value, expires_at, tag, key, expected, time.time()), notify,
         )
         return changed > 0
+
+    def stamp(self) -> bytes | None:
+        return None if self._stamp is None else self._stamp[:STAMP_BYTES]
 
     async def delete_tagged(self, tag: str) -> int:
         return await self._write("DELETE FROM calls WHERE tag = ?", (tag,))
@@ -125,5 +163,7 @@ class SqliteStore:
 
     async def close(self) -> None:
         self._thread.shutdown(wait=True)
+        if self._stamp is not None:
+            self._stamp.close()
         self._reader.close()
         self._writer.close()
