@@ -13,8 +13,9 @@ import pytest
 
 from avr_llm_proxy.calls import CallRecord, CallRegistry
 from avr_llm_proxy.identity import parse_caller
-from avr_llm_proxy.stores import Store, open_store
+from avr_llm_proxy.stores import Store, StoreError, open_store
 from avr_llm_proxy.stores.memory import MemoryStore
+from avr_llm_proxy.stores.sqlite import SqliteStore
 
 UUID = "cbb1cd1e-86d0-4af4-b938-ebd18537fffb"
 
@@ -180,6 +181,28 @@ async def test_sqlite_without_a_stamp_reads_every_time(tmp_path: Path, logs) -> 
     finally:
         await store.close()
     assert any('"sqlite_stamp_unavailable"' in line for line in logs())
+
+
+async def test_sqlite_writes_queued_together_commit_together(tmp_path: Path) -> None:
+    """A burst of writes is committed in shared transactions: each gets its own answer, one bad one fails alone."""
+    store = open_store(f"sqlite:///{tmp_path / 'calls.db'}")
+    assert isinstance(store, SqliteStore)
+    try:
+        later = time.time() + 60
+        results = await asyncio.gather(
+            *(store.put(f"k{index}", b"v", later) for index in range(100)),
+            *(store.put("same", str(index).encode(), later, replace=False) for index in range(10)),
+            store._write("INSERT INTO calls (key, value, expires_at) VALUES (?, NULL, 0)", ("bad",)),
+            return_exceptions=True,
+        )
+        assert results[:100] == [True] * 100
+        assert sorted(results[100:110]) == [False] * 9 + [True]  # type: ignore[type-var]
+        assert isinstance(results[110], StoreError) and "NOT NULL" in str(results[110])
+        assert await store.get("k99") == b"v" and await store.get("bad") is None
+    finally:
+        await store.close()
+    with pytest.raises(StoreError, match="closed"):
+        await store.put("after", b"v", time.time() + 60)
 
 
 async def test_sqlite_shared_between_two_registries(tmp_path: Path) -> None:

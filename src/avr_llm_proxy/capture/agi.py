@@ -164,7 +164,8 @@ class _Session:
         while not self.pending:
             if self.parser.closed:
                 return None
-            data = await asyncio.wait_for(self.reader.read(4096), self.server.idle_timeout)
+            async with asyncio.timeout(self.server.idle_timeout):  # not wait_for: no task per read (3.11)
+                data = await self.reader.read(4096)
             self.pending.extend(self.parser.feed(data))
         return self.pending.pop(0)
 

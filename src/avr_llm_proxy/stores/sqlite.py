@@ -1,7 +1,9 @@
 """A store in one SQLite file: survives restarts and is shared by every worker process on the host.
 
 WAL lets readers run beside the single writer. Reads are short indexed look-ups done on the event
-loop; writes go through one dedicated thread so a busy lock never stalls the loop.
+loop; writes go through one dedicated thread so a busy lock never stalls the loop, and the writes
+queued while it commits are committed together (one transaction and one wake-up of the loop for
+all of them: under a burst of captures, most of a commit's cost is shared).
 
 Beside the database, `<file>.changes` holds 8 random bytes that every process writing to it renews
 after each commit (quiet swaps aside), mapped into memory by each process: `stamp()` costs no
@@ -13,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import mmap
 import os
+import queue
 import random
 import sqlite3
+import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -27,6 +31,7 @@ from . import StoreError
 log = structlog.get_logger("avr_llm_proxy.stores.sqlite")
 STAMP_SUFFIX = ".changes"
 STAMP_BYTES = 8
+MAX_BATCH = 64  # writes committed in one transaction at most
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -56,6 +61,24 @@ def _map_stamp(path: str) -> mmap.mmap | None:
         return None
 
 
+@dataclass(slots=True)
+class _Write:
+    sql: str
+    params: tuple[object, ...]
+    notify: bool
+    done: asyncio.Future[int]
+
+
+def _settle(batch: Sequence[_Write], results: Sequence[int | sqlite3.Error]) -> None:
+    for write, result in zip(batch, results, strict=True):
+        if write.done.cancelled():
+            continue
+        if isinstance(result, sqlite3.Error):
+            write.done.set_exception(StoreError(f"SQLite write failed: {result}"))
+        else:
+            write.done.set_result(result)
+
+
 def _connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -83,21 +106,66 @@ class SqliteStore:
             self._get = self._reader.cursor()  # one cursor for the turn path's look-ups, not one per read
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open SQLite store {path}: {exc}") from exc
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
         self._stamp = _map_stamp(path)
+        self._queue: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, _Write] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._write_queued, name="sqlite-writer", daemon=True)
+        self._thread.start()
 
     async def _write(self, sql: str, params: tuple[object, ...], notify: bool = True) -> int:
-        def run() -> int:
-            changed = self._writer.execute(sql, params).rowcount
-            if changed > 0 and notify and self._stamp is not None:
-                # After the commit: a reader that sees the new stamp finds the new row.
-                self._stamp[:STAMP_BYTES] = random.getrandbits(8 * STAMP_BYTES).to_bytes(STAMP_BYTES, "little")
-            return changed
+        if not self._thread.is_alive():
+            raise StoreError(f"SQLite store {self.path} is closed")
+        loop = asyncio.get_running_loop()
+        write = _Write(sql, params, notify, loop.create_future())
+        self._queue.put((loop, write))
+        return await write.done
 
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._thread, run)
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite write failed: {exc}") from exc
+    def _write_queued(self) -> None:
+        """The writer thread: take what is queued, commit it, hand the results back to each loop."""
+        while (first := self._queue.get()) is not None:
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # close() after this batch
+                    break
+                batch.append(item)
+            writes = [write for _, write in batch]
+            results = self._commit(writes)
+            if self._stamp is not None and any(write.notify and not isinstance(result, sqlite3.Error) and result > 0
+                                               for write, result in zip(writes, results, strict=True)):
+                # After the commit: a reader that sees the new stamp finds the new rows.
+                self._stamp[:STAMP_BYTES] = random.getrandbits(8 * STAMP_BYTES).to_bytes(STAMP_BYTES, "little")
+            for loop in {loop for loop, _ in batch}:
+                mine = [(write, result) for (owner, write), result in zip(batch, results, strict=True) if owner is loop]
+                try:
+                    loop.call_soon_threadsafe(_settle, [write for write, _ in mine], [result for _, result in mine])
+                except RuntimeError:  # that loop is closed: nobody waits any more
+                    pass
+
+    def _commit(self, writes: Sequence[_Write]) -> list[int | sqlite3.Error]:
+        """One transaction for all; if any statement fails, each again on its own so only it fails."""
+        if len(writes) > 1:
+            try:
+                self._writer.execute("BEGIN IMMEDIATE")
+                try:
+                    changed = [self._writer.execute(write.sql, write.params).rowcount for write in writes]
+                    self._writer.execute("COMMIT")
+                    return list(changed)
+                except sqlite3.Error:
+                    self._writer.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error:
+                pass
+        results: list[int | sqlite3.Error] = []
+        for write in writes:
+            try:
+                results.append(self._writer.execute(write.sql, write.params).rowcount)
+            except sqlite3.Error as exc:
+                results.append(exc)
+        return results
 
     async def put(self, key: str, value: bytes, expires_at: float, tag: str | None = None, replace: bool = True,
                   ) -> bool:
@@ -162,7 +230,8 @@ class SqliteStore:
             raise StoreError(f"SQLite store {self.path} unusable: {exc}") from exc
 
     async def close(self) -> None:
-        self._thread.shutdown(wait=True)
+        self._queue.put(None)
+        await asyncio.to_thread(self._thread.join)
         if self._stamp is not None:
             self._stamp.close()
         self._reader.close()
