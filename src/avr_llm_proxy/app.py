@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,10 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
         if files:
             await asyncio.to_thread(files.sweep)
         task = asyncio.create_task(maintain())
+        # What start-up loaded (phone number metadata, the framework, settings) lives as long as the
+        # process: out of the collector's sight, a full collection takes ~0 ms instead of ~30 ms.
+        gc.collect()
+        gc.freeze()
         log.info(
             "proxy_ready", upstream=upstream.name, store=settings.store_url.split(":", 1)[0],
             caller_dir=settings.callerid_dir or "off", agi=f"{agi.host}:{agi.port}" if agi else "off",
@@ -119,6 +124,7 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
         try:
             yield
         finally:
+            gc.unfreeze()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
 import uuid as uuidlib
 from pathlib import Path
@@ -54,6 +55,13 @@ async def test_debug_token(tmp_path: Path, token: str, status: int) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         reply = await http_request(f"{proxy.url}/debug", b"", method="GET", headers=headers)
     assert reply.status == status
+
+
+async def test_startup_objects_are_kept_out_of_garbage_collection(tmp_path: Path) -> None:
+    """What start-up loaded is frozen (full collections stay short) while serving, and released after."""
+    async with running_proxy(make_settings(tmp_path)):
+        assert gc.get_freeze_count() > 10_000
+    assert gc.get_freeze_count() == 0
 
 
 async def test_health_ready_metrics(tmp_path: Path) -> None:
