@@ -116,22 +116,25 @@ async def test_change_redoes_an_edit_another_process_overtook(tmp_path: Path) ->
 
 
 async def test_sqlite_stamp_changes_with_every_write_but_quiet_ones(tmp_path: Path) -> None:
-    """Another process's handle sees the stamp change on each write it must see; counts stay quiet."""
+    """Another process's handle sees a key's stamp change on each write it must see; counts stay quiet."""
     url = f"sqlite:///{tmp_path / 'calls.db'}"
     writer, reader = open_store(url), open_store(url)
     try:
-        stamps = [reader.stamp()]
-        await writer.put("k", b"1", time.time() + 60)
-        stamps.append(reader.stamp())
+        stamps = [reader.stamp("k")]
+        await writer.put("k", b"1", time.time() + 60, "t")
+        stamps.append(reader.stamp("k"))
         assert await writer.swap("k", b"1", b"2", time.time() + 60, notify=False)
-        assert reader.stamp() == stamps[-1]
+        await writer.purge_expired(time.time())
+        await writer.put("other", b"1", time.time() + 60)  # another call (crc32 puts it in another slot)
+        assert reader.stamp("k") == stamps[-1]
         assert not await writer.swap("k", b"stale", b"3", time.time() + 60)
-        assert reader.stamp() == stamps[-1]
-        assert await writer.swap("k", b"2", b"3", time.time() + 60)
-        stamps.append(reader.stamp())
-        assert await writer.delete("k")
-        stamps.append(reader.stamp())
+        assert reader.stamp("k") == stamps[-1]
+        assert await writer.swap("k", b"2", b"3", time.time() + 60, "t")
+        stamps.append(reader.stamp("k"))
+        assert await writer.delete_tagged("t") == 1  # erasure by number: any key's stamp changes
+        stamps.append(reader.stamp("k"))
         assert None not in stamps and len(set(stamps)) == 4
+        assert reader.stamp("other") != stamps[1] and len(stamps[0] or b"") == 16
     finally:
         await writer.close()
         await reader.close()
@@ -174,7 +177,7 @@ async def test_sqlite_without_a_stamp_reads_every_time(tmp_path: Path, logs) -> 
     (tmp_path / "calls.db.changes").symlink_to(tmp_path / "elsewhere")
     store = open_store(f"sqlite:///{path}")
     try:
-        assert store.stamp() is None and not (tmp_path / "elsewhere").exists()
+        assert store.stamp(UUID) is None and not (tmp_path / "elsewhere").exists()
         registry = CallRegistry(store, 3600)
         await registry.put(record())
         assert (await registry.get(UUID)).caller.e164 == "+593987654321"  # type: ignore[union-attr]
@@ -192,7 +195,7 @@ async def test_sqlite_writes_queued_together_commit_together(tmp_path: Path) -> 
         results = await asyncio.gather(
             *(store.put(f"k{index}", b"v", later) for index in range(100)),
             *(store.put("same", str(index).encode(), later, replace=False) for index in range(10)),
-            store._write("INSERT INTO calls (key, value, expires_at) VALUES (?, NULL, 0)", ("bad",)),
+            store._write("INSERT INTO calls (key, value, expires_at) VALUES (?, NULL, 0)", ("bad",), "bad"),
             return_exceptions=True,
         )
         assert results[:100] == [True] * 100

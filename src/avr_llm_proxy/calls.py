@@ -228,7 +228,7 @@ class CallRegistry:
         known = self._known.get(uuid)
         if known is not None and known.stamp is not None:
             now = time.time()
-            if known.stamp == self.store.stamp() and now - known.read_at < MAX_TRUSTED_S and \
+            if known.stamp == self.store.stamp(uuid) and now - known.read_at < MAX_TRUSTED_S and \
                     known.record.expires_at > now:
                 return known.record
         found = await self._lookup(uuid)
@@ -236,7 +236,7 @@ class CallRegistry:
 
     async def _lookup(self, uuid: str) -> _Known | None:
         """The record as stored now (with its bytes, which a change must find unchanged to replace)."""
-        stamp = self.store.stamp()  # before the read: a write after it changes the stamp
+        stamp = self.store.stamp(uuid)  # before the read: a write after it changes the stamp
         try:
             data = await self.store.get(uuid)
         except StoreError:

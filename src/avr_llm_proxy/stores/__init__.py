@@ -34,12 +34,12 @@ class Store(Protocol):
         """Replace a live value only while it is still exactly `expected` (compare-and-set).
 
         False when another write came first: the caller reads again and redoes its change on that.
-        notify=False leaves `stamp()` as it is: readers may go on with the value they hold.
+        notify=False leaves `stamp(key)` as it is: readers may go on with the value they hold.
         """
         ...
 
-    def stamp(self) -> bytes | None:
-        """A token that changes with every write (but quiet swaps) of any process; None: cannot tell.
+    def stamp(self, key: str) -> bytes | None:
+        """A token that changes with every write to `key` (but quiet swaps) by any process; None: cannot tell.
 
         Read before a `get`, it lets a process keep using that value while the token stays the same.
         """

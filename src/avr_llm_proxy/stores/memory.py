@@ -35,7 +35,7 @@ class MemoryStore:
         self._data[key] = (expires_at, value, tag)
         return True
 
-    def stamp(self) -> bytes | None:
+    def stamp(self, key: str) -> bytes | None:
         return None  # a read is a dictionary look-up: nothing to save
 
     async def get(self, key: str) -> bytes | None:

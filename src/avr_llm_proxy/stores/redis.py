@@ -89,7 +89,7 @@ class RedisStore:
             raise StoreError(f"Redis write failed: {type(exc).__name__}: {exc}") from exc
         return bool(swapped)
 
-    def stamp(self) -> bytes | None:
+    def stamp(self, key: str) -> bytes | None:
         return None  # every turn reads: a replica's write is seen at once, whatever its pub/sub connection
 
     async def _stored(self, key: str, expires_at: float, tag: str | None, ttl_ms: int, notify: bool = True) -> None:

@@ -5,9 +5,11 @@ loop; writes go through one dedicated thread so a busy lock never stalls the loo
 queued while it commits are committed together (one transaction and one wake-up of the loop for
 all of them: under a burst of captures, most of a commit's cost is shared).
 
-Beside the database, `<file>.changes` holds 8 random bytes that every process writing to it renews
-after each commit (quiet swaps aside), mapped into memory by each process: `stamp()` costs no
-system call, and a worker holding a record need not read it again while the stamp stays the same.
+Beside the database, `<file>.changes` holds change stamps, mapped into memory by each process: 8
+random bytes per slot, renewed by the process that wrote after each commit (quiet swaps aside); a
+key's slot is picked by a hash of the key, and slot 0 is renewed by writes that may touch any key
+(erasure by number). `stamp(key)` costs no system call, and a worker holding a record need not
+read it again while its stamp stays the same: captures of other calls do not disturb it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import random
 import sqlite3
 import threading
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,7 @@ from . import StoreError
 log = structlog.get_logger("avr_llm_proxy.stores.sqlite")
 STAMP_SUFFIX = ".changes"
 STAMP_BYTES = 8
+STAMP_SLOTS = 4096  # a write shares its slot with 1 in 4,096 other calls' records: a spare read for them
 MAX_BATCH = 64  # writes committed in one transaction at most
 
 _SCHEMA = """
@@ -47,12 +51,13 @@ CREATE INDEX IF NOT EXISTS calls_tag ON calls (tag);
 
 def _map_stamp(path: str) -> mmap.mmap | None:
     """The shared change stamp beside the database; None (every read goes to SQLite) if it cannot be made."""
+    size = (1 + STAMP_SLOTS) * STAMP_BYTES
     try:
         fd = os.open(path + STAMP_SUFFIX, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            if os.fstat(fd).st_size < STAMP_BYTES:
-                os.ftruncate(fd, STAMP_BYTES)
-            return mmap.mmap(fd, STAMP_BYTES)
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            return mmap.mmap(fd, size)
         finally:
             os.close(fd)
     except (OSError, ValueError) as exc:
@@ -61,10 +66,16 @@ def _map_stamp(path: str) -> mmap.mmap | None:
         return None
 
 
+def _slot(key: str | None) -> int:
+    """Where a key's stamp is (None: slot 0, for writes that may touch any key)."""
+    return 0 if key is None else (1 + zlib.crc32(key.encode()) % STAMP_SLOTS) * STAMP_BYTES
+
+
 @dataclass(slots=True)
 class _Write:
     sql: str
     params: tuple[object, ...]
+    key: str | None  # the key written; None: any may be
     notify: bool
     done: asyncio.Future[int]
 
@@ -111,11 +122,11 @@ class SqliteStore:
         self._thread = threading.Thread(target=self._write_queued, name="sqlite-writer", daemon=True)
         self._thread.start()
 
-    async def _write(self, sql: str, params: tuple[object, ...], notify: bool = True) -> int:
+    async def _write(self, sql: str, params: tuple[object, ...], key: str | None, notify: bool = True) -> int:
         if not self._thread.is_alive():
             raise StoreError(f"SQLite store {self.path} is closed")
         loop = asyncio.get_running_loop()
-        write = _Write(sql, params, notify, loop.create_future())
+        write = _Write(sql, params, key, notify, loop.create_future())
         self._queue.put((loop, write))
         return await write.done
 
@@ -134,10 +145,13 @@ class SqliteStore:
                 batch.append(item)
             writes = [write for _, write in batch]
             results = self._commit(writes)
-            if self._stamp is not None and any(write.notify and not isinstance(result, sqlite3.Error) and result > 0
-                                               for write, result in zip(writes, results, strict=True)):
-                # After the commit: a reader that sees the new stamp finds the new rows.
-                self._stamp[:STAMP_BYTES] = random.getrandbits(8 * STAMP_BYTES).to_bytes(STAMP_BYTES, "little")
+            if self._stamp is not None:
+                # After the commit: a reader that sees a new stamp finds the new rows.
+                for write, result in zip(writes, results, strict=True):
+                    if write.notify and not isinstance(result, sqlite3.Error) and result > 0:
+                        offset = _slot(write.key)
+                        self._stamp[offset:offset + STAMP_BYTES] = random.getrandbits(8 * STAMP_BYTES).to_bytes(
+                            STAMP_BYTES, "little")
             for loop in {loop for loop, _ in batch}:
                 mine = [(write, result) for (owner, write), result in zip(batch, results, strict=True) if owner is loop]
                 try:
@@ -178,7 +192,7 @@ class SqliteStore:
             "INSERT INTO calls (key, value, expires_at, tag) VALUES (?, ?, ?, ?) "
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at, "
             "tag = excluded.tag" + condition,
-            params,
+            params, key,
         )
         return changed > 0
 
@@ -186,15 +200,18 @@ class SqliteStore:
                    notify: bool = True) -> bool:
         changed = await self._write(
             "UPDATE calls SET value = ?, expires_at = ?, tag = ? WHERE key = ? AND value = ? AND expires_at > ?",
-            (value, expires_at, tag, key, expected, time.time()), notify,
+            (value, expires_at, tag, key, expected, time.time()), key, notify,
         )
         return changed > 0
 
-    def stamp(self) -> bytes | None:
-        return None if self._stamp is None else self._stamp[:STAMP_BYTES]
+    def stamp(self, key: str) -> bytes | None:
+        if self._stamp is None:
+            return None
+        offset = _slot(key)
+        return self._stamp[:STAMP_BYTES] + self._stamp[offset:offset + STAMP_BYTES]
 
     async def delete_tagged(self, tag: str) -> int:
-        return await self._write("DELETE FROM calls WHERE tag = ?", (tag,))
+        return await self._write("DELETE FROM calls WHERE tag = ?", (tag,), None)
 
     async def get(self, key: str) -> bytes | None:
         try:
@@ -206,7 +223,7 @@ class SqliteStore:
         return None if row is None else bytes(row[0])
 
     async def delete(self, key: str) -> bool:
-        return await self._write("DELETE FROM calls WHERE key = ?", (key,)) > 0
+        return await self._write("DELETE FROM calls WHERE key = ?", (key,), key) > 0
 
     async def recent(self, limit: int) -> list[bytes]:
         try:
@@ -221,7 +238,8 @@ class SqliteStore:
         return None  # no change feed in SQLite: waiters poll every poll_interval
 
     async def purge_expired(self, now: float) -> int:
-        return await self._write("DELETE FROM calls WHERE expires_at <= ?", (now,))
+        # Quiet: a process holding a record checks its expiry itself.
+        return await self._write("DELETE FROM calls WHERE expires_at <= ?", (now,), None, notify=False)
 
     async def ping(self) -> None:
         try:
