@@ -15,6 +15,7 @@ read it again while its stamp stays the same: captures of other calls do not dis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import mmap
 import os
 import queue
@@ -77,11 +78,13 @@ class _Write:
     params: tuple[object, ...]
     key: str | None  # the key written; None: any may be
     notify: bool
+    loop: asyncio.AbstractEventLoop
     done: asyncio.Future[int]
 
 
-def _settle(batch: Sequence[_Write], results: Sequence[int | sqlite3.Error]) -> None:
-    for write, result in zip(batch, results, strict=True):
+def _settle(outcomes: Sequence[tuple[_Write, int | sqlite3.Error]]) -> None:
+    """On the writes' event loop: each waiting write gets its row count or its error."""
+    for write, result in outcomes:
         if write.done.cancelled():
             continue
         if isinstance(result, sqlite3.Error):
@@ -118,7 +121,7 @@ class SqliteStore:
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open SQLite store {path}: {exc}") from exc
         self._stamp = _map_stamp(path)
-        self._queue: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, _Write] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._write_queued, name="sqlite-writer", daemon=True)
         self._thread.start()
 
@@ -126,38 +129,45 @@ class SqliteStore:
         if not self._thread.is_alive():
             raise StoreError(f"SQLite store {self.path} is closed")
         loop = asyncio.get_running_loop()
-        write = _Write(sql, params, key, notify, loop.create_future())
-        self._queue.put((loop, write))
+        write = _Write(sql, params, key, notify, loop, loop.create_future())
+        self._queue.put(write)
         return await write.done
 
     def _write_queued(self) -> None:
-        """The writer thread: take what is queued, commit it, hand the results back to each loop."""
-        while (first := self._queue.get()) is not None:
-            batch = [first]
-            while len(batch) < MAX_BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)  # close() after this batch
-                    break
-                batch.append(item)
-            writes = [write for _, write in batch]
-            results = self._commit(writes)
-            if self._stamp is not None:
-                # After the commit: a reader that sees a new stamp finds the new rows.
-                for write, result in zip(writes, results, strict=True):
-                    if write.notify and not isinstance(result, sqlite3.Error) and result > 0:
-                        offset = _slot(write.key)
-                        self._stamp[offset:offset + STAMP_BYTES] = random.getrandbits(8 * STAMP_BYTES).to_bytes(
-                            STAMP_BYTES, "little")
-            for loop in {loop for loop, _ in batch}:
-                mine = [(write, result) for (owner, write), result in zip(batch, results, strict=True) if owner is loop]
-                try:
-                    loop.call_soon_threadsafe(_settle, [write for write, _ in mine], [result for _, result in mine])
-                except RuntimeError:  # that loop is closed: nobody waits any more
-                    pass
+        """The writer thread: commit what is queued, renew the stamps, hand the results back to each loop."""
+        while batch := self._next_batch():
+            outcomes = list(zip(batch, self._commit(batch), strict=True))
+            self._renew_stamps(outcomes)
+            for loop in {write.loop for write in batch}:
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
+                    loop.call_soon_threadsafe(_settle, [outcome for outcome in outcomes if outcome[0].loop is loop])
+
+    def _next_batch(self) -> list[_Write]:
+        """The next write and those queued behind it (at most MAX_BATCH); empty once closed."""
+        first = self._queue.get()
+        if first is None:
+            return []
+        batch = [first]
+        while len(batch) < MAX_BATCH:
+            try:
+                write = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if write is None:
+                self._queue.put(None)  # closed: after this batch
+                break
+            batch.append(write)
+        return batch
+
+    def _renew_stamps(self, outcomes: Sequence[tuple[_Write, int | sqlite3.Error]]) -> None:
+        """After the commit, so a reader that sees a new stamp finds the new row."""
+        if self._stamp is None:
+            return
+        for write, result in outcomes:
+            if write.notify and not isinstance(result, sqlite3.Error) and result > 0:
+                offset = _slot(write.key)
+                self._stamp[offset:offset + STAMP_BYTES] = random.getrandbits(8 * STAMP_BYTES).to_bytes(
+                    STAMP_BYTES, "little")
 
     def _commit(self, writes: Sequence[_Write]) -> list[int | sqlite3.Error]:
         """One transaction for all; if any statement fails, each again on its own so only it fails."""
