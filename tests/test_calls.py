@@ -171,6 +171,28 @@ async def test_held_record_is_used_while_the_stamp_stays(tmp_path: Path, monkeyp
         await theirs.store.close()
 
 
+async def test_count_from_a_held_record_another_worker_counted_since(tmp_path: Path) -> None:
+    """A change starts from the record held here; when another worker's quiet count made it stale, it reads."""
+    path = tmp_path / "calls.db"
+    mine, theirs = (CallRegistry(open_store(f"sqlite:///{path}"), 3600) for _ in range(2))
+    try:
+        first = await theirs.put(record())
+        assert await mine.get(UUID) == first  # held here from now on
+        await theirs.change(UUID, lambda current: dataclasses.replace(current, turns=2), notify=False)
+        counted = await mine.change(UUID, lambda current: dataclasses.replace(current, turns=current.turns + 1),
+                                    notify=False)
+        assert counted is not None and counted.turns == 3 and counted.expires_at == first.expires_at
+        held = await theirs.get(UUID)  # counts are quiet: theirs goes on with the record it holds
+        assert held is not None and held.turns == 2
+        fresh = CallRegistry(open_store(f"sqlite:///{path}"), 3600)
+        stored = await fresh.get(UUID)
+        await fresh.store.close()
+        assert stored is not None and stored.turns == 3 and stored.caller == first.caller
+    finally:
+        await mine.store.close()
+        await theirs.store.close()
+
+
 async def test_sqlite_without_a_stamp_reads_every_time(tmp_path: Path, logs) -> None:  # type: ignore[no-untyped-def]
     """A stamp file that cannot be made (a symlink planted there) only costs reads, with a warning."""
     path = tmp_path / "calls.db"

@@ -78,6 +78,17 @@ class TestStoreContract:
         assert await store.get("missing") is None
         assert await store.delete_tagged("t1") == 1  # a swapped value still goes with its number
 
+    async def test_swap_of_the_value_alone_keeps_expiry_and_tag(self, store: Store) -> None:
+        """swap with expires_at=None changes the value only: it still expires when it did and goes with its tag."""
+        await store.put("short", b"1", time.time() + 0.4, "t1")
+        await store.put("tagged", b"1", time.time() + 60, "t1")
+        assert await store.swap("short", b"1", b"2", None)
+        assert await store.swap("tagged", b"1", b"2", None, notify=False)
+        assert await store.get("short") == b"2" and await store.get("tagged") == b"2"
+        await asyncio.sleep(0.5)
+        assert await store.get("short") is None
+        assert await store.delete_tagged("t1") >= 1 and await store.get("tagged") is None
+
     async def test_expiry(self, store: Store) -> None:
         """After its expiry a value is not returned."""
         await store.put("short", b"v", time.time() + 0.2)

@@ -202,18 +202,22 @@ class CallRegistry:
         return hash_number(number, key) if number and key else None
 
     async def _save(self, record: CallRecord, replace: bool = True, ttl: float | None = None,
-                    over: _Known | None = None, notify: bool = True) -> _Known | None:
+                    over: _Known | None = None, notify: bool = True, keep: bool = False) -> _Known | None:
         """Store a record for `ttl` seconds (default: the TTL); `over`: only over exactly that stored record.
 
+        keep (with `over`, the caller unchanged): the stored expiry and tag stay, a value-only write.
         notify=False: other processes may go on with the record they hold (only a count changed).
         """
-        stored = dataclasses.replace(record, expires_at=time.time() + (self.ttl_seconds if ttl is None else ttl))
+        keep = keep and over is not None
+        expires_at = over.record.expires_at if over is not None and keep else \
+            time.time() + (self.ttl_seconds if ttl is None else ttl)
+        stored = dataclasses.replace(record, expires_at=expires_at)
         data = stored.to_bytes()
         if self.sealer is not None:
             data = self.sealer.seal(data)
         tag = self.number_tag(stored.caller)
         if over is not None:
-            if not await self.store.swap(stored.uuid, over.data, data, stored.expires_at, tag, notify):
+            if not await self.store.swap(stored.uuid, over.data, data, None if keep else expires_at, tag, notify):
                 return None
         elif not await self.store.put(stored.uuid, data, stored.expires_at, tag, replace):
             return None
@@ -225,14 +229,19 @@ class CallRegistry:
     async def get(self, uuid: str) -> CallRecord | None:
         """The record: the one held here while the store says nothing changed, else the store's, else
         a late source's (then kept in the store)."""
-        known = self._known.get(uuid)
-        if known is not None and known.stamp is not None:
-            now = time.time()
-            if known.stamp == self.store.stamp(uuid) and now - known.read_at < MAX_TRUSTED_S and \
-                    known.record.expires_at > now:
-                return known.record
-        found = await self._lookup(uuid)
+        found = self._held(uuid) or await self._lookup(uuid)
         return found.record if found else None
+
+    def _held(self, uuid: str) -> _Known | None:
+        """The record held here, while the store's stamp says no process wrote it since it was read."""
+        known = self._known.get(uuid)
+        if known is None or known.stamp is None:
+            return None
+        now = time.time()
+        if known.stamp != self.store.stamp(uuid) or now - known.read_at >= MAX_TRUSTED_S or \
+                known.record.expires_at <= now:
+            return None
+        return known
 
     async def _lookup(self, uuid: str) -> _Known | None:
         """The record as stored now (with its bytes, which a change must find unchanged to replace)."""
@@ -313,15 +322,17 @@ class CallRegistry:
         `ttl`: seconds from now; None keeps the record's expiry. notify=False: a change no turn needs
         at once (a count, a renewal). None back when there is no record.
         """
-        for _ in range(MAX_CHANGE_ATTEMPTS):
-            found = await self._lookup(uuid)
+        for attempt in range(MAX_CHANGE_ATTEMPTS):
+            # First from the record held here (a quiet write by another worker fails the swap, then read).
+            found = (attempt == 0 and self._held(uuid)) or await self._lookup(uuid)
             if found is None:
                 return None
             edited = edit(found.record)
             if edited is None:
                 return found.record
-            keep = ttl if ttl is not None else max(1.0, edited.expires_at - time.time())
-            stored = await self._save(edited, ttl=keep, over=found, notify=notify)
+            keep = ttl is None and edited.caller == found.record.caller
+            lasts = ttl if ttl is not None else max(1.0, found.record.expires_at - time.time())
+            stored = await self._save(edited, ttl=lasts, over=found, notify=notify, keep=keep)
             if stored is not None:
                 return stored.record
         raise StoreError(f"record changed by others {MAX_CHANGE_ATTEMPTS} times while being updated")

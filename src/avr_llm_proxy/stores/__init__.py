@@ -29,11 +29,12 @@ class Store(Protocol):
         """
         ...
 
-    async def swap(self, key: str, expected: bytes, value: bytes, expires_at: float, tag: str | None = None,
+    async def swap(self, key: str, expected: bytes, value: bytes, expires_at: float | None, tag: str | None = None,
                    notify: bool = True) -> bool:
         """Replace a live value only while it is still exactly `expected` (compare-and-set).
 
         False when another write came first: the caller reads again and redoes its change on that.
+        expires_at=None: the value alone changes, its expiry and tag stay (a cheaper write).
         notify=False leaves `stamp(key)` as it is: readers may go on with the value they hold.
         """
         ...

@@ -28,11 +28,12 @@ class MemoryStore:
         self._data[key] = (expires_at, value, tag)
         return True
 
-    async def swap(self, key: str, expected: bytes, value: bytes, expires_at: float, tag: str | None = None,
+    async def swap(self, key: str, expected: bytes, value: bytes, expires_at: float | None, tag: str | None = None,
                    notify: bool = True) -> bool:
         if await self.get(key) != expected:
             return False
-        self._data[key] = (expires_at, value, tag)
+        current = self._data[key]
+        self._data[key] = (current[0], value, current[2]) if expires_at is None else (expires_at, value, tag)
         return True
 
     def stamp(self, key: str) -> bytes | None:

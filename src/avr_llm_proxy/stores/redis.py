@@ -35,7 +35,11 @@ READ_DEADLINE_S = 1.0
 # Compare-and-set in one step on the server: another replica's write between a read and this one wins.
 _SWAP = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if ARGV[3] == '' then
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
 return 1
 """
 
@@ -78,13 +82,15 @@ class RedisStore:
             raise StoreError(f"Redis write failed: {type(exc).__name__}: {exc}") from exc
         return bool(stored)
 
-    async def swap(self, key: str, expected: bytes, value: bytes, expires_at: float, tag: str | None = None,
+    async def swap(self, key: str, expected: bytes, value: bytes, expires_at: float | None, tag: str | None = None,
                    notify: bool = True) -> bool:
-        ttl_ms = max(1, int((expires_at - time.time()) * 1000))
+        ttl_ms = "" if expires_at is None else max(1, int((expires_at - time.time()) * 1000))
         try:
             swapped = await self._swap(keys=[PREFIX + "call:" + key], args=[expected, value, ttl_ms])
-            if swapped:
-                await self._stored(key, expires_at, tag, ttl_ms, notify)
+            if swapped and expires_at is not None:
+                await self._stored(key, expires_at, tag, int(ttl_ms), notify)
+            elif swapped and notify:
+                await self._client.publish(CHANNEL, key)
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis write failed: {type(exc).__name__}: {exc}") from exc
         return bool(swapped)
