@@ -193,19 +193,26 @@ async def test_count_from_a_held_record_another_worker_counted_since(tmp_path: P
         await theirs.store.close()
 
 
-async def test_sqlite_without_a_stamp_reads_every_time(tmp_path: Path, logs) -> None:  # type: ignore[no-untyped-def]
-    """A stamp file that cannot be made (a symlink planted there) only costs reads, with a warning."""
+async def test_sqlite_with_an_unusable_stamp_file_refuses_writes(tmp_path: Path, logs) -> None:  # type: ignore[no-untyped-def]
+    """A stamp file there but unusable (a planted symlink): others may trust it, so no write goes unnoticed."""
     path = tmp_path / "calls.db"
+    writer = open_store(f"sqlite:///{path}")
+    await CallRegistry(writer, 3600).put(record())
+    await writer.close()
+    (tmp_path / "calls.db.changes").unlink()
     (tmp_path / "calls.db.changes").symlink_to(tmp_path / "elsewhere")
     store = open_store(f"sqlite:///{path}")
     try:
         assert store.stamp(UUID) is None and not (tmp_path / "elsewhere").exists()
         registry = CallRegistry(store, 3600)
-        await registry.put(record())
         assert (await registry.get(UUID)).caller.e164 == "+593987654321"  # type: ignore[union-attr]
+        with pytest.raises(StoreError, match="calls.db.changes"):
+            await registry.put(record())
+        with pytest.raises(StoreError, match="repair or remove"):
+            await store.ping()
     finally:
         await store.close()
-    assert any('"sqlite_stamp_unavailable"' in line for line in logs())
+    assert any('"sqlite_stamp_unusable"' in line for line in logs())
 
 
 async def test_sqlite_writes_queued_together_commit_together(tmp_path: Path) -> None:
@@ -224,6 +231,14 @@ async def test_sqlite_writes_queued_together_commit_together(tmp_path: Path) -> 
         assert sorted(results[100:110]) == [False] * 9 + [True]  # type: ignore[type-var]
         assert isinstance(results[110], StoreError) and "NOT NULL" in str(results[110])
         assert await store.get("k99") == b"v" and await store.get("bad") is None
+        # Not an SQLite error (a key SQLite cannot even bind): that write fails alone, nothing stays locked.
+        odd = await asyncio.gather(*(store.put(f"j{index}", b"v", later) for index in range(20)),
+                                   store.put("\ud800", b"v", later), return_exceptions=True)
+        assert odd[:20] == [True] * 20 and isinstance(odd[20], StoreError)
+        other = sqlite3.connect(tmp_path / "calls.db", timeout=0.5)
+        with other:
+            other.execute("DELETE FROM calls WHERE key = 'j0'")
+        other.close()
     finally:
         await store.close()
     with pytest.raises(StoreError, match="closed"):

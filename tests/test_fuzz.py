@@ -57,7 +57,8 @@ def test_forms(body: bytes) -> None:
 @given(st.lists(st.binary(max_size=200), max_size=8),
        st.sampled_from(["text/event-stream", "application/x-ndjson", "text/plain", "application/json", "",
                         "text/html", "application/octet-stream", "application/json; charset=x-nonesuch",
-                        "text/plain; charset=utf-16"]))
+                        "text/plain; charset=utf-16", "text/plain; charset=base64",
+                        "text/event-stream; charset=zlib", "application/x-ndjson; charset=rot13"]))
 def test_answer_streams(chunks: list[bytes], content_type: str) -> None:
     """Any answer bytes, split anywhere, give text pieces or an AnswerError."""
     decoder = AnswerDecoder(content_type)

@@ -74,8 +74,9 @@ class AnswerDecoder:
         self._text: codecs.IncrementalDecoder | None = None
         if self.streaming:  # a whole answer is decoded once, at its end
             try:
+                b"\0".decode(self._charset, errors="replace")  # refuses what is no text encoding (base64, rot13)
                 self._text = codecs.getincrementaldecoder(self._charset)(errors="replace")
-            except LookupError:
+            except (LookupError, ValueError):
                 self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._whole: list[bytes] = []
         self._line = ""

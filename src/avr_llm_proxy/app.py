@@ -138,6 +138,7 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
                 await ami.close()
             ami_lock.release()
             await lifecycle.close()
+            await turns.close()
             await upstream.close()
             await store.close()
 

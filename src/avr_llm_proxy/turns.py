@@ -306,6 +306,11 @@ class Turns:
         self._counting.add(task)
         task.add_done_callback(self._counting.discard)
 
+    async def close(self) -> None:
+        """Let the turn counts still being written finish (the store closes after this)."""
+        if self._counting:
+            await asyncio.wait(set(self._counting), timeout=5.0)
+
     async def _failed(self, request: UpstreamRequest, outcome: _Outcome, error: UpstreamError, upstream_ms: float,
                       unfinished: Sequence[str] | None = None) -> None:
         """Say the rest (`unfinished`, when sentences were already spoken) or the apology, then log why."""

@@ -21,6 +21,7 @@ import os
 import queue
 import random
 import sqlite3
+import stat
 import threading
 import time
 import zlib
@@ -50,21 +51,32 @@ CREATE INDEX IF NOT EXISTS calls_tag ON calls (tag);
 """
 
 
-def _map_stamp(path: str) -> mmap.mmap | None:
-    """The shared change stamp beside the database; None (every read goes to SQLite) if it cannot be made."""
+def _map_stamp(path: str) -> tuple[mmap.mmap | None, str | None]:
+    """The shared change stamps beside the database, or why not.
+
+    Without them every turn reads its record from SQLite. But when the file exists and this process
+    cannot use it, other processes may be trusting it: a write from here would go unnoticed there
+    (an erased caller still served), so the reason comes back and such writes are refused.
+    """
+    stamps = path + STAMP_SUFFIX
     size = (1 + STAMP_SLOTS) * STAMP_BYTES
     try:
-        fd = os.open(path + STAMP_SUFFIX, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        mode = stat.S_IMODE(os.stat(path).st_mode)  # whoever may write the database may write this
+        fd = os.open(stamps, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         try:
             if os.fstat(fd).st_size < size:
                 os.ftruncate(fd, size)
-            return mmap.mmap(fd, size)
+            return mmap.mmap(fd, size), None
         finally:
             os.close(fd)
     except (OSError, ValueError) as exc:
-        log.warning("sqlite_stamp_unavailable", path=path + STAMP_SUFFIX, reason=str(exc),
+        if os.path.lexists(stamps):
+            problem = f"cannot use {stamps} ({exc}): repair or remove it with every process stopped"
+            log.error("sqlite_stamp_unusable", path=stamps, reason=str(exc), effect="writes refused")
+            return None, problem
+        log.warning("sqlite_stamp_unavailable", path=stamps, reason=str(exc),
                     effect="every turn reads its record from SQLite")
-        return None
+        return None, None
 
 
 def _slot(key: str | None) -> int:
@@ -82,13 +94,16 @@ class _Write:
     done: asyncio.Future[int]
 
 
-def _settle(outcomes: Sequence[tuple[_Write, int | sqlite3.Error]]) -> None:
+_Outcome = tuple[_Write, int | Exception]
+
+
+def _settle(outcomes: Sequence[_Outcome]) -> None:
     """On the writes' event loop: each waiting write gets its row count or its error."""
     for write, result in outcomes:
         if write.done.cancelled():
             continue
-        if isinstance(result, sqlite3.Error):
-            write.done.set_exception(StoreError(f"SQLite write failed: {result}"))
+        if isinstance(result, Exception):
+            write.done.set_exception(StoreError(f"SQLite write failed: {type(result).__name__}: {result}"))
         else:
             write.done.set_result(result)
 
@@ -120,24 +135,36 @@ class SqliteStore:
             self._get = self._reader.cursor()  # one cursor for the turn path's look-ups, not one per read
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open SQLite store {path}: {exc}") from exc
-        self._stamp = _map_stamp(path)
+        self._stamp, self._stamp_problem = _map_stamp(path)
         self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        self._closing = threading.Lock()
+        self._closed = False
         self._thread = threading.Thread(target=self._write_queued, name="sqlite-writer", daemon=True)
         self._thread.start()
 
     async def _write(self, sql: str, params: tuple[object, ...], key: str | None, notify: bool = True) -> int:
-        if not self._thread.is_alive():
-            raise StoreError(f"SQLite store {self.path} is closed")
+        if notify and self._stamp_problem:
+            raise StoreError(self._stamp_problem)
         loop = asyncio.get_running_loop()
         write = _Write(sql, params, key, notify, loop, loop.create_future())
-        self._queue.put(write)
+        with self._closing:  # nothing is queued behind close()'s end mark, where it would wait for ever
+            if self._closed:
+                raise StoreError(f"SQLite store {self.path} is closed")
+            self._queue.put(write)
         return await write.done
 
     def _write_queued(self) -> None:
         """The writer thread: commit what is queued, renew the stamps, hand the results back to each loop."""
         while batch := self._next_batch():
-            outcomes = list(zip(batch, self._commit(batch), strict=True))
-            self._renew_stamps(outcomes)
+            outcomes: list[_Outcome]
+            try:
+                outcomes = list(zip(batch, self._commit(batch), strict=True))
+                self._renew_stamps(outcomes)
+            except Exception as exc:  # the transaction could not be ended: no write may hang, the thread goes on
+                log.error("sqlite_batch_failed", writes=len(batch), reason=f"{type(exc).__name__}: {exc}")
+                with contextlib.suppress(sqlite3.Error):
+                    self._end_transaction()
+                outcomes = [(write, exc) for write in batch]
             for loop in {write.loop for write in batch}:
                 with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
                     loop.call_soon_threadsafe(_settle, [outcome for outcome in outcomes if outcome[0].loop is loop])
@@ -159,37 +186,40 @@ class SqliteStore:
             batch.append(write)
         return batch
 
-    def _renew_stamps(self, outcomes: Sequence[tuple[_Write, int | sqlite3.Error]]) -> None:
+    def _renew_stamps(self, outcomes: Sequence[_Outcome]) -> None:
         """After the commit, so a reader that sees a new stamp finds the new row."""
         if self._stamp is None:
             return
         for write, result in outcomes:
-            if write.notify and not isinstance(result, sqlite3.Error) and result > 0:
+            if write.notify and not isinstance(result, Exception) and result > 0:
                 offset = _slot(write.key)
                 self._stamp[offset:offset + STAMP_BYTES] = random.getrandbits(8 * STAMP_BYTES).to_bytes(
                     STAMP_BYTES, "little")
 
-    def _commit(self, writes: Sequence[_Write]) -> list[int | sqlite3.Error]:
-        """One transaction for all; if any statement fails, each again on its own so only it fails."""
+    def _commit(self, writes: Sequence[_Write]) -> list[int | Exception]:
+        """One transaction for all; if any statement fails, each again on its own so only it fails.
+
+        Raises only when a failed transaction cannot be ended: then none of them may be trusted.
+        """
         if len(writes) > 1:
             try:
                 self._writer.execute("BEGIN IMMEDIATE")
-                try:
-                    changed = [self._writer.execute(write.sql, write.params).rowcount for write in writes]
-                    self._writer.execute("COMMIT")
-                    return list(changed)
-                except sqlite3.Error:
-                    self._writer.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error:
-                pass
-        results: list[int | sqlite3.Error] = []
+                changed = [self._writer.execute(write.sql, write.params).rowcount for write in writes]
+                self._writer.execute("COMMIT")
+                return list(changed)
+            except Exception:
+                self._end_transaction()
+        results: list[int | Exception] = []
         for write in writes:
             try:
                 results.append(self._writer.execute(write.sql, write.params).rowcount)
-            except sqlite3.Error as exc:
+            except Exception as exc:
                 results.append(exc)
         return results
+
+    def _end_transaction(self) -> None:
+        if self._writer.in_transaction:
+            self._writer.execute("ROLLBACK")
 
     async def put(self, key: str, value: bytes, expires_at: float, tag: str | None = None, replace: bool = True,
                   ) -> bool:
@@ -256,13 +286,17 @@ class SqliteStore:
         return await self._write("DELETE FROM calls WHERE expires_at <= ?", (now,), None, notify=False)
 
     async def ping(self) -> None:
+        if self._stamp_problem:
+            raise StoreError(self._stamp_problem)
         try:
             self._reader.execute("SELECT 1 FROM calls LIMIT 1").fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite store {self.path} unusable: {exc}") from exc
 
     async def close(self) -> None:
-        self._queue.put(None)
+        with self._closing:
+            self._closed = True
+            self._queue.put(None)
         await asyncio.to_thread(self._thread.join)
         if self._stamp is not None:
             self._stamp.close()
