@@ -290,7 +290,8 @@ class CallRegistry:
             self._waiters.setdefault(uuid, []).append(waiter)
             step = remaining if self.store.poll_interval is None else min(remaining, self.store.poll_interval)
             try:
-                await asyncio.wait_for(asyncio.shield(waiter), step)
+                async with asyncio.timeout(step):  # not wait_for: it can swallow a cancellation on 3.11
+                    await waiter
             except TimeoutError:
                 pass
             finally:

@@ -290,9 +290,11 @@ class AmiListener:
             delay = min(delay * 2, 30.0)
 
     async def _session(self) -> None:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self.endpoint.host, self.endpoint.port), 5.0
-        )
+        # asyncio.timeout, never wait_for: on Python 3.11 wait_for can swallow the cancellation that
+        # close() sends when the awaited read completes at the same moment, and the listener would
+        # reconnect for ever while the shutdown waits for it (seen as a hung test).
+        async with asyncio.timeout(5.0):
+            reader, writer = await asyncio.open_connection(self.endpoint.host, self.endpoint.port)
         parser = AmiParser()
         try:
             writer.write(_action({"Action": "Login", "ActionID": "login", "Username": self.endpoint.username,
@@ -300,10 +302,12 @@ class AmiListener:
             await writer.drain()
             while True:
                 try:
-                    data = await asyncio.wait_for(reader.read(65536), 60.0)
+                    async with asyncio.timeout(60.0):
+                        data = await reader.read(65536)
                 except TimeoutError:
                     writer.write(_action({"Action": "Ping", "ActionID": "ping"}))
-                    data = await asyncio.wait_for(reader.read(65536), 10.0)
+                    async with asyncio.timeout(10.0):
+                        data = await reader.read(65536)
                 if not data:
                     raise ConnectionResetError("manager closed the connection")
                 for message in parser.feed(data):
@@ -343,7 +347,8 @@ class AmiListener:
             writer.write(_action({"Action": "Getvar", "ActionID": action_id, "Channel": capture.channel,
                                   "Variable": "CALLERID(num-pres)"}))
             try:
-                num_pres = await asyncio.wait_for(waiter, self.presentation_wait)
+                async with asyncio.timeout(self.presentation_wait):
+                    num_pres = await waiter
             except TimeoutError:
                 log.info("ami_presentation_unknown", uuid=capture.uuid, channel=capture.channel)
             finally:
