@@ -208,9 +208,11 @@ class CallRegistry:
         keep (with `over`, the caller unchanged): the stored expiry and tag stay, a value-only write.
         notify=False: other processes may go on with the record they hold (only a count changed).
         """
-        keep = keep and over is not None
-        expires_at = over.record.expires_at if over is not None and keep else \
-            time.time() + (self.ttl_seconds if ttl is None else ttl)
+        if over is not None and keep:
+            expires_at = over.record.expires_at
+        else:
+            keep = False
+            expires_at = time.time() + (self.ttl_seconds if ttl is None else ttl)
         stored = dataclasses.replace(record, expires_at=expires_at)
         data = stored.to_bytes()
         if self.sealer is not None:
@@ -223,7 +225,8 @@ class CallRegistry:
             return None
         self._wake(stored.uuid)
         if over is not None and not notify:
-            return self._remember(data, stored, over.stamp, over.read_at)  # the stamp is still this process's own
+            # A quiet write leaves the stamp as it was: it still vouches for this record.
+            return self._remember(data, stored, over.stamp, over.read_at)
         return self._remember(data, stored)
 
     async def get(self, uuid: str) -> CallRecord | None:

@@ -204,9 +204,10 @@ class SqliteStore:
         if len(writes) > 1:
             try:
                 self._writer.execute("BEGIN IMMEDIATE")
-                changed = [self._writer.execute(write.sql, write.params).rowcount for write in writes]
+                changed: list[int | Exception] = [self._writer.execute(write.sql, write.params).rowcount
+                                                  for write in writes]
                 self._writer.execute("COMMIT")
-                return list(changed)
+                return changed
             except Exception:
                 self._end_transaction()
         results: list[int | Exception] = []
