@@ -273,11 +273,20 @@ async def test_workers_share_one_ami_connection(tmp_path: Path) -> None:
         try:
             await wait_for(lambda: manager.logins >= 1, 30)
             url = f"http://127.0.0.1:{port}"
-            readiness = set()
-            for _ in range(200):  # both workers answer /readyz (the kernel picks which): one connected, one on standby
+            readiness: set[str] = set()
+
+            async def ami_state() -> str:
                 ready = await http_request(f"{url}/readyz", b"", method="GET")
-                readiness.add(orjson.loads(b"".join(ready.chunks))["ami"])
-                if len(readiness) > 1:
+                return str(orjson.loads(b"".join(ready.chunks))["ami"])
+
+            # The manager counts the login before the worker has read its answer: until then that worker
+            # says "disconnected". Once one says "connected", both answer (the kernel picks which).
+            for _ in range(200):
+                if await ami_state() == "connected":
+                    break
+            for _ in range(200):
+                readiness.add(await ami_state())
+                if {"connected", "standby"} <= readiness:
                     break
             assert await caller_of(url, DIAL_UUID) == "Hola Juan, gracias por llamar."  # the demo API, by name
             await asyncio.sleep(3)  # longer than a standing-by worker's retry: it must still not log in
