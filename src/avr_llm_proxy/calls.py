@@ -229,10 +229,13 @@ class CallRegistry:
             return self._remember(data, stored, over.stamp, over.read_at)
         return self._remember(data, stored)
 
-    async def get(self, uuid: str) -> CallRecord | None:
+    async def get(self, uuid: str, fresh: bool = False) -> CallRecord | None:
         """The record: the one held here while the store says nothing changed, else the store's, else
-        a late source's (then kept in the store)."""
-        found = self._held(uuid) or await self._lookup(uuid)
+        a late source's (then kept in the store).
+
+        fresh: always the store's, for figures other processes change quietly (the turn count).
+        """
+        found = (not fresh and self._held(uuid)) or await self._lookup(uuid)
         return found.record if found else None
 
     def _held(self, uuid: str) -> _Known | None:

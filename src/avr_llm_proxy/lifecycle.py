@@ -86,7 +86,8 @@ class Lifecycle:
     async def apply(self, event: Event) -> CallRecord | None:
         """Record what the event says about the call; returns the call's record after it."""
         EVENTS.labels(type=event.type).inc()
-        record = await self.registry.get(event.uuid)
+        # Forwarded events carry the turn count, which other workers write without a stamp change.
+        record = await self.registry.get(event.uuid, fresh=self.client is not None)
         if event.type == "call_initiated" and event.payload:
             captured = CallRecord(
                 uuid=event.uuid,

@@ -72,6 +72,30 @@ async def test_lifecycle_and_forwarding(tmp_path: Path) -> None:
     assert "593987654321" not in listing.stdout
 
 
+async def test_forwarded_event_counts_turns_another_worker_answered(tmp_path: Path) -> None:
+    """Two workers on one SQLite file: the one forwarding a mid-call event has the other's turn count."""
+    call = str(uuidlib.uuid4())
+    async with running_api("raw") as api:
+        api.answer = (200, {"Content-Type": "application/json"}, b"{}")
+        settings = make_settings(tmp_path, events_url=api.url)
+        async with running_proxy(settings) as counting, running_proxy(settings) as forwarding:
+            initiated = event(call, "call_initiated", {"from": "0987654321", "to": "5551000"})
+            assert (await http_request(f"{forwarding.url}/events", initiated)).status == 200
+            # A turn here leaves the record held by the forwarding worker; avr-core's next turns (its
+            # history holds all three) go to the other worker.
+            heard = await play_call(forwarding.url, call, ["hola"])
+            await asyncio.sleep(0.3)  # the turn count is written in the background
+            heard += (await play_call(counting.url, call, ["hola", "mi pedido", "gracias"]))[1:]
+            assert "Juan" in heard[0].sentences[0] and len(heard) == 3 and all(turn.sentences for turn in heard)
+            await asyncio.sleep(0.3)
+            assert (await http_request(f"{forwarding.url}/events", event(call, "transcription"))).status == 200
+            for _ in range(50):
+                if len(api.received) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+    assert [(body["type"], body["turns"]) for body in api.received] == [("call_initiated", 0), ("transcription", 3)]
+
+
 async def test_call_ended_shortens_retention(tmp_path: Path) -> None:
     """After call_ended the record expires within minutes instead of CALLER_TTL_SECONDS."""
     call = str(uuidlib.uuid4())
