@@ -31,9 +31,12 @@ def served(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     port = closed_port()
     extra = getattr(request, "param", [])
     log_path = tmp_path / "serve.log"
+    scratch = tmp_path / "tmp"  # serve's temporary files (the workers' metrics): nothing may stay
+    scratch.mkdir()
     with log_path.open("w") as log_file:
         process = subprocess.Popen([*COMMAND, "serve", "--port", str(port), *extra], cwd=tmp_path,
-                                   env=clean_environ(CALLERID_DIR=str(tmp_path), AGI_LISTEN=""), stderr=log_file)
+                                   env=clean_environ(CALLERID_DIR=str(tmp_path), AGI_LISTEN="", TMPDIR=str(scratch)),
+                                   stderr=log_file)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -49,6 +52,7 @@ def served(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=20)
+    assert list(scratch.iterdir()) == []
 
 
 def test_invalid_setting_stops_startup_with_one_line(tmp_path: Path) -> None:
@@ -114,6 +118,12 @@ def test_workers_share_sqlite(served: str) -> None:
         await asyncio.gather(*(one(index) for index in range(40)))
 
     asyncio.run(calls())
+    # Whichever worker answers the scrape reports both workers' turns (each new connection may go to either).
+    for _ in range(8):
+        with urllib.request.urlopen(f"{served}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        assert 'avr_llm_proxy_turns_total{outcome="answered"} 120.0' in text
+        assert "\navr_llm_proxy_active_turns 0.0\n" in text
 
 
 def test_unusable_store_stops_startup(tmp_path: Path) -> None:

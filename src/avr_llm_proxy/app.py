@@ -13,7 +13,7 @@ import structlog
 from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .access import LOOPBACK, bearer, client_in, token_matches
@@ -27,6 +27,7 @@ from .config import Settings
 from .demo_api import DemoApi
 from .leader import HostLock, lead
 from .lifecycle import Lifecycle
+from .observability import metrics_text
 from .openai_chat import ChatUpstream
 from .privacy import Keys, number_redactor, resolve_keys
 from .stores import open_store
@@ -162,7 +163,7 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/debug", summary="Recent calls of this process, numbers masked")
     async def debug(request: Request) -> Response:

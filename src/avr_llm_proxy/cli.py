@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from .config import Settings, SettingsError, load_settings
@@ -40,7 +40,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app, keys_for
-    from .observability import configure_logging
+    from .observability import configure_logging, metrics_shared_by_workers
 
     settings = _settings(host=args.host, port=args.port)
     if args.workers > 1 and settings.store_url == "memory://":
@@ -66,7 +66,7 @@ def serve(args: argparse.Namespace) -> int:
                     hint="back it up; replicas sharing a store need the same ENCRYPTION_KEY")
     if keys.note:
         log.warning("hash_key_ephemeral", reason=keys.note)
-    options = {
+    options: dict[str, Any] = {
         "host": settings.host, "port": settings.port, "access_log": False, "log_level": "warning",
         "http": "httptools", "loop": "uvloop" if sys.platform != "win32" else "asyncio",
         # Longer than avr-core's (Node's) keep-alive, so a reused connection is never closed under it.
@@ -77,9 +77,10 @@ def serve(args: argparse.Namespace) -> int:
         "log_config": None,  # uvicorn's own lines go through our chain (numbers redacted)
     }
     if args.workers > 1:
-        uvicorn.run("avr_llm_proxy.app:app_from_env", factory=True, workers=args.workers, **options)  # type: ignore[arg-type]
+        with metrics_shared_by_workers():
+            uvicorn.run("avr_llm_proxy.app:app_from_env", factory=True, workers=args.workers, **options)
     else:
-        uvicorn.run(create_app(settings, keys), **options)  # type: ignore[arg-type]
+        uvicorn.run(create_app(settings, keys), **options)
     return 0
 
 

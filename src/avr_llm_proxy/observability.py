@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import re
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import structlog
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from structlog.typing import EventDict, WrappedLogger
 
 from .privacy import NumberPolicy, number_redactor, scrub_text
@@ -37,16 +44,61 @@ UPSTREAM_LATENCY = Histogram(
 CALLER_WAIT = Counter("avr_llm_proxy_caller_waits", "Turns that had to wait for a capture, by result", ["result"])
 AGI_SESSIONS = Counter("avr_llm_proxy_agi_sessions", "FastAGI sessions, by outcome", ["outcome"])
 AMI_EVENTS = Counter("avr_llm_proxy_ami_events", "AMI events read")
-AMI_CONNECTED = Gauge("avr_llm_proxy_ami_connected", "1 while logged in to the Asterisk manager")
+# With --workers, gauges are read across the live workers: `livemax` says whether any worker is in that
+# state (one holds the AMI connection; breakers are per worker), `livesum` adds them up.
+AMI_CONNECTED = Gauge("avr_llm_proxy_ami_connected", "1 while logged in to the Asterisk manager",
+                      multiprocess_mode="livemax")
 UPSTREAM_RETRIES = Counter("avr_llm_proxy_upstream_retries", "Requests to the API sent again, by cause", ["reason"])
 BREAKER_STATE = Gauge("avr_llm_proxy_circuit_state", "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open",
-                      ["upstream"])
+                      ["upstream"], multiprocess_mode="livemax")
 FIRST_SENTENCE = Histogram(
     "avr_llm_proxy_first_sentence_seconds", "Time from a turn's arrival to its first sentence leaving",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
 )
 EVENTS = Counter("avr_llm_proxy_call_events", "avr-core webhook events received, by type", ["type"])
-ACTIVE_TURNS = Gauge("avr_llm_proxy_active_turns", "Turns in progress")
+ACTIVE_TURNS = Gauge("avr_llm_proxy_active_turns", "Turns in progress", multiprocess_mode="livesum")
+
+# prometheus_client's switch to per-process metric files, read by every process that imports it.
+SHARED_METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+?_(\d+)\.db")
+
+
+@contextlib.contextmanager
+def metrics_shared_by_workers() -> Iterator[Path]:
+    """For `serve --workers N`: the workers (started inside) write their metrics to files in one new
+    private directory, so a scrape answered by any worker reports the whole service. Removed after."""
+    directory = Path(tempfile.mkdtemp(prefix="avr-llm-proxy-metrics-"))
+    os.environ[SHARED_METRICS_ENV] = str(directory)
+    try:
+        yield directory
+    finally:
+        os.environ.pop(SHARED_METRICS_ENV, None)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def metrics_text() -> bytes:
+    """The Prometheus exposition: this process's metrics, or every worker's when they share files."""
+    directory = os.environ.get(SHARED_METRICS_ENV)
+    if not directory:
+        return generate_latest()
+    _forget_dead_workers(directory)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, directory)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
+
+
+def _forget_dead_workers(directory: str) -> None:
+    """A worker that died (and was replaced) no longer counts in the live gauges; its counters stay."""
+    for path in Path(directory).glob("gauge_live*.db"):
+        match = _LIVE_GAUGE_FILE.fullmatch(path.name)
+        if match is None:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(int(match.group(1)), directory)  # type: ignore[no-untyped-call]
+        except PermissionError:
+            pass  # alive, under another user
 
 
 class RedactNumbers:
