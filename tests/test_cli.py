@@ -119,11 +119,18 @@ def test_workers_share_sqlite(served: str) -> None:
 
     asyncio.run(calls())
     # Whichever worker answers the scrape reports both workers' turns (each new connection may go to either).
-    for _ in range(8):
+    # A turn's bookkeeping follows its last byte by a millisecond: the first scrapes may come before it.
+    def scrape() -> str:
         with urllib.request.urlopen(f"{served}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        assert 'avr_llm_proxy_turns_total{outcome="answered"} 120.0' in text
-        assert "\navr_llm_proxy_active_turns 0.0\n" in text
+            return str(response.read().decode())
+
+    settled = 'avr_llm_proxy_turns_total{outcome="answered"} 120.0', "\navr_llm_proxy_active_turns 0.0\n"
+    deadline = time.monotonic() + 10
+    while not all(line in scrape() for line in settled) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for _ in range(8):
+        text = scrape()
+        assert all(line in text for line in settled), text
 
 
 def test_unusable_store_stops_startup(tmp_path: Path) -> None:
