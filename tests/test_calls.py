@@ -193,6 +193,35 @@ async def test_count_from_a_held_record_another_worker_counted_since(tmp_path: P
         await theirs.store.close()
 
 
+async def test_stamp_file_removed_while_workers_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    logs) -> None:  # type: ignore[no-untyped-def]
+    """Someone deletes `<db>.changes` under running workers: a worker started since creates a new one,
+    and the others follow it, so none goes on with a record another worker replaced."""
+    path = tmp_path / "calls.db"
+    url = f"sqlite:///{path}"
+    monkeypatch.setattr("avr_llm_proxy.stores.stamps.FOLLOW_EVERY_S", 0.0)  # 1 s by default
+    mine, old = (CallRegistry(open_store(url), 3600) for _ in range(2))
+    try:
+        await old.put(record())
+        assert (await mine.get(UUID)).caller.e164 == "+593987654321"  # type: ignore[union-attr]
+        (tmp_path / "calls.db.changes").unlink()
+        new = CallRegistry(open_store(url), 3600)  # a worker restarted meanwhile
+        try:
+            await new.put(record(number="+34612345678"))
+            # mine only reads: it notices the new file within FOLLOW_EVERY_S
+            assert (await mine.get(UUID)).caller.e164 == "+34612345678"  # type: ignore[union-attr]
+            # old still had the removed file mapped: it moves to the new one before renewing the stamp
+            await old.put(record(number="+14155550100"))
+            assert (await mine.get(UUID)).caller.e164 == "+14155550100"  # type: ignore[union-attr]
+            assert (await new.get(UUID)).caller.e164 == "+14155550100"  # type: ignore[union-attr]
+        finally:
+            await new.store.close()
+    finally:
+        await mine.store.close()
+        await old.store.close()
+    assert sum('"sqlite_stamp_file_replaced"' in line for line in logs()) == 2
+
+
 async def test_sqlite_with_an_unusable_stamp_file_refuses_writes(tmp_path: Path, logs) -> None:  # type: ignore[no-untyped-def]
     """A stamp file there but unusable (a planted symlink): others may trust it, so no write goes unnoticed."""
     path = tmp_path / "calls.db"

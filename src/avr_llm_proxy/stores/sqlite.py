@@ -5,26 +5,18 @@ loop; writes go through one dedicated thread so a busy lock never stalls the loo
 queued while it commits are committed together (one transaction and one wake-up of the loop for
 all of them: under a burst of captures, most of a commit's cost is shared).
 
-Beside the database, `<file>.changes` holds change stamps, mapped into memory by each process: 8
-random bytes per slot, renewed by the process that wrote after each commit (quiet swaps aside); a
-key's slot is picked by a hash of the key, and slot 0 is renewed by writes that may touch any key
-(erasure by number). `stamp(key)` costs no system call, and a worker holding a record need not
-read it again while its stamp stays the same: captures of other calls do not disturb it.
+Beside the database, `<file>.changes` holds change stamps (stamps.py), renewed after each commit
+(quiet swaps aside): a worker holding a record need not read it again while its stamp stays the same.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import mmap
-import os
 import queue
-import random
 import sqlite3
-import stat
 import threading
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +24,9 @@ from pathlib import Path
 import structlog
 
 from . import StoreError
+from .stamps import ChangeStamps
 
 log = structlog.get_logger("avr_llm_proxy.stores.sqlite")
-STAMP_SUFFIX = ".changes"
-STAMP_BYTES = 8
-STAMP_SLOTS = 4096  # a write shares its slot with 1 in 4,096 other calls' records: a spare read for them
 MAX_BATCH = 64  # writes committed in one transaction at most
 
 _SCHEMA = """
@@ -49,39 +39,6 @@ CREATE TABLE IF NOT EXISTS calls (
 CREATE INDEX IF NOT EXISTS calls_expiry ON calls (expires_at);
 CREATE INDEX IF NOT EXISTS calls_tag ON calls (tag);
 """
-
-
-def _map_stamp(path: str) -> tuple[mmap.mmap | None, str | None]:
-    """The shared change stamps beside the database, or why not.
-
-    Without them every turn reads its record from SQLite. But when the file exists and this process
-    cannot use it, other processes may be trusting it: a write from here would go unnoticed there
-    (an erased caller still served), so the reason comes back and such writes are refused.
-    """
-    stamps = path + STAMP_SUFFIX
-    size = (1 + STAMP_SLOTS) * STAMP_BYTES
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)  # whoever may write the database may write this
-        fd = os.open(stamps, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-        try:
-            if os.fstat(fd).st_size < size:
-                os.ftruncate(fd, size)
-            return mmap.mmap(fd, size), None
-        finally:
-            os.close(fd)
-    except (OSError, ValueError) as exc:
-        if os.path.lexists(stamps):
-            problem = f"cannot use {stamps} ({exc}): repair or remove it with every process stopped"
-            log.error("sqlite_stamp_unusable", path=stamps, reason=str(exc), effect="writes refused")
-            return None, problem
-        log.warning("sqlite_stamp_unavailable", path=stamps, reason=str(exc),
-                    effect="every turn reads its record from SQLite")
-        return None, None
-
-
-def _slot(key: str | None) -> int:
-    """Where a key's stamp is (None: slot 0, for writes that may touch any key)."""
-    return 0 if key is None else (1 + zlib.crc32(key.encode()) % STAMP_SLOTS) * STAMP_BYTES
 
 
 @dataclass(slots=True)
@@ -135,7 +92,7 @@ class SqliteStore:
             self._get = self._reader.cursor()  # one cursor for the turn path's look-ups, not one per read
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open SQLite store {path}: {exc}") from exc
-        self._stamp, self._stamp_problem = _map_stamp(path)
+        self._stamps = ChangeStamps(path)
         self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
         self._closing = threading.Lock()
         self._closed = False
@@ -143,8 +100,8 @@ class SqliteStore:
         self._thread.start()
 
     async def _write(self, sql: str, params: tuple[object, ...], key: str | None, notify: bool = True) -> int:
-        if notify and self._stamp_problem:
-            raise StoreError(self._stamp_problem)
+        if notify and self._stamps.problem:
+            raise StoreError(self._stamps.problem)
         loop = asyncio.get_running_loop()
         write = _Write(sql, params, key, notify, loop, loop.create_future())
         with self._closing:  # nothing is queued behind close()'s end mark, where it would wait for ever
@@ -188,13 +145,8 @@ class SqliteStore:
 
     def _renew_stamps(self, outcomes: Sequence[_Outcome]) -> None:
         """After the commit, so a reader that sees a new stamp finds the new row."""
-        if self._stamp is None:
-            return
-        for write, result in outcomes:
-            if write.notify and not isinstance(result, Exception) and result > 0:
-                offset = _slot(write.key)
-                self._stamp[offset:offset + STAMP_BYTES] = random.getrandbits(8 * STAMP_BYTES).to_bytes(
-                    STAMP_BYTES, "little")
+        self._stamps.renew(write.key for write, result in outcomes
+                           if write.notify and not isinstance(result, Exception) and result > 0)
 
     def _commit(self, writes: Sequence[_Write]) -> list[int | Exception]:
         """One transaction for all; if any statement fails, each again on its own so only it fails.
@@ -250,10 +202,7 @@ class SqliteStore:
         return changed > 0
 
     def stamp(self, key: str) -> bytes | None:
-        if self._stamp is None:
-            return None
-        offset = _slot(key)
-        return self._stamp[:STAMP_BYTES] + self._stamp[offset:offset + STAMP_BYTES]
+        return self._stamps.read(key)
 
     async def delete_tagged(self, tag: str) -> int:
         return await self._write("DELETE FROM calls WHERE tag = ?", (tag,), None)
@@ -287,8 +236,8 @@ class SqliteStore:
         return await self._write("DELETE FROM calls WHERE expires_at <= ?", (now,), None, notify=False)
 
     async def ping(self) -> None:
-        if self._stamp_problem:
-            raise StoreError(self._stamp_problem)
+        if self._stamps.problem:
+            raise StoreError(self._stamps.problem)
         try:
             self._reader.execute("SELECT 1 FROM calls LIMIT 1").fetchall()
         except sqlite3.Error as exc:
@@ -299,7 +248,6 @@ class SqliteStore:
             self._closed = True
             self._queue.put(None)
         await asyncio.to_thread(self._thread.join)
-        if self._stamp is not None:
-            self._stamp.close()
+        self._stamps.close()
         self._reader.close()
         self._writer.close()
