@@ -36,7 +36,13 @@ READ_DEADLINE_S = 1.0
 _SWAP = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[3] == '' then
-  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+  -- the expiry it had (PTTL, not SET's KEEPTTL: that needs Redis 6)
+  local left = redis.call('PTTL', KEYS[1])
+  if left >= 0 then
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', math.max(left, 1))
+  else
+    redis.call('SET', KEYS[1], ARGV[2])
+  end
 else
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 end
