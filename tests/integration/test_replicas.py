@@ -54,7 +54,8 @@ def clean_redis() -> Iterator[None]:
 class Replica:
     """One `avr-llm-proxy serve` process on its own HTTP and FastAGI ports."""
 
-    def __init__(self, workdir: Path, **env: str) -> None:
+    def __init__(self, workdir: Path, *args: str, **env: str) -> None:
+        self.args = args  # serve's options
         self.port, self.agi_port = closed_port(), closed_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
@@ -75,8 +76,8 @@ class Replica:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         with (self.workdir / f"serve-{self.port}.log").open("ab") as log:
-            return subprocess.Popen([sys.executable, "-m", "avr_llm_proxy", "serve"], cwd=self.workdir, env=self.env,
-                                    stderr=log, stdout=log)
+            return subprocess.Popen([sys.executable, "-m", "avr_llm_proxy", "serve", *self.args], cwd=self.workdir,
+                                    env=self.env, stderr=log, stdout=log)
 
     def kill(self) -> None:
         if self.process and self.process.poll() is None:
@@ -201,3 +202,27 @@ async def test_1000_calls_over_two_replicas(tmp_path: Path, clean_redis: None) -
         heard = await asyncio.gather(*(one(i, call, number) for i, (call, number) in enumerate(numbers.items())))
     assert heard == [f"Hola {number}." for number in numbers.values()]
     assert {payload["conversation_id"]: payload["caller_number"] for payload in api.received} == numbers
+
+
+async def test_workers_share_redis_and_the_agi_port(tmp_path: Path, clean_redis: None) -> None:
+    """`serve --workers 2` on Redis: FastAGI sessions spread over both workers, every call's turns, on
+    whichever worker, carry its own number, and /metrics counts every session whichever worker answers."""
+    async with running_api() as api:
+        proxy = await Replica(tmp_path, "--workers", "2", STORE_URL=REDIS_URL, API_URL=api.url).start()
+        try:
+            limit = asyncio.Semaphore(50)
+
+            async def one(index: int) -> tuple[str, str]:
+                number = f"+59398{index:07d}"
+                async with limit:
+                    call = await agi_capture(proxy.agi_port, number)
+                    return await greeting(proxy.url, call), f"Hola {number}."
+
+            heard = await asyncio.gather(*(one(index) for index in range(200)))
+            metrics = [b"".join((await http_request(f"{proxy.url}/metrics", b"", method="GET")).chunks)
+                       for _ in range(4)]
+        finally:
+            proxy.stop()
+    assert all(said == expected for said, expected in heard)
+    assert all(b'avr_llm_proxy_agi_sessions_total{outcome="ok"} 200.0' in text for text in metrics)
+    assert (tmp_path / f"serve-{proxy.port}.log").read_text().count("event=agi_listening") == 2
