@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sqlite3
 import uuid as uuidlib
 from pathlib import Path
 
@@ -137,6 +138,28 @@ async def test_given_uuid_is_kept(tmp_path: Path) -> None:
         assert commands[-1] == f'SET VARIABLE UUID "{call}"'
         reply = await play_call(proxy.url, call, ["hola"])
     assert "Juan" in reply[0].sentences[0]
+
+
+async def test_uuid_is_given_only_once_the_capture_is_stored(tmp_path: Path) -> None:
+    """Asterisk goes on (to avr-core) once it has the UUID: by then every process must find the record,
+    or avr-core's call_initiated on another worker would store the number a withheld caller hid."""
+    port, call = closed_port(), str(uuidlib.uuid4())
+    settings = make_settings(tmp_path, agi_listen=f"127.0.0.1:{port}")
+    async with running_proxy(settings):
+        blocker = sqlite3.connect(tmp_path / "calls.db", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another process's long write: the capture's commit waits
+        asyncio.get_running_loop().call_later(0.5, blocker.rollback)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(with_script(PJSIP, arg=call))
+        stored_when_told = None
+        while line := await asyncio.wait_for(reader.readline(), 10):
+            if line.startswith(b"SET VARIABLE UUID"):
+                with sqlite3.connect(tmp_path / "calls.db") as look:
+                    stored_when_told = look.execute("SELECT count(*) FROM calls WHERE key = ?", (call,)).fetchone()[0]
+            writer.write(b"200 result=1 (allowed_not_screened)\n" if line.startswith(b"GET") else b"200 result=1\n")
+        writer.close()
+        blocker.close()
+    assert stored_when_told == 1
 
 
 @pytest.mark.parametrize(("num_pres", "callingpres", "expected"),

@@ -196,28 +196,17 @@ class _Session:
                 return "hangup"
             num_pres = reply.value if reply.code == 200 and reply.result == 1 else None
         record = record_from_environment(env, uuid, num_pres, self.server.region)
-        # Asterisk gets its UUID while the record is being stored: a slow commit (a checkpoint's fsync
-        # on a busy disk) must not hold up the call's set-up. The call's first turn comes long after,
-        # and would wait for the record (CALLER_WAIT_MS) if it did not.
-        storing = asyncio.ensure_future(self.server.registry.put(record))
         try:
-            reply = await self.command(f"SET VARIABLE UUID {quote_agi(uuid)}")
-            self.writer.close()  # the session is over for Asterisk: the dialplan goes on
-        finally:
-            await self._stored(storing, record)
-        return "ok" if reply is not None and reply.code == 200 else "hangup"
-
-    @staticmethod
-    async def _stored(storing: asyncio.Future[CallRecord], record: CallRecord) -> None:
-        """Say in the log what became of the capture (the session may have ended meanwhile)."""
-        try:
-            await storing
+            stored = await self.server.registry.put(record)
         except StoreError as exc:
-            log.error("capture_not_stored", uuid=record.uuid, source="agi", reason=str(exc))
+            log.error("capture_not_stored", uuid=uuid, source="agi", reason=str(exc))
+            stored = record
         log.info(
-            "caller_captured", uuid=record.uuid, source="agi", caller_number=record.caller.log_number,
-            presentation=record.caller.presentation, channel=record.channel,
+            "caller_captured", uuid=uuid, source="agi", caller_number=stored.caller.log_number,
+            presentation=stored.caller.presentation, channel=stored.channel,
         )
+        reply = await self.command(f"SET VARIABLE UUID {quote_agi(uuid)}")
+        return "ok" if reply is not None and reply.code == 200 else "hangup"
 
 
 class FastAgiServer:
