@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -220,6 +221,44 @@ async def test_stamp_file_removed_while_workers_run(tmp_path: Path, monkeypatch:
         await mine.store.close()
         await old.store.close()
     assert sum('"sqlite_stamp_file_replaced"' in line for line in logs()) == 2
+
+
+@pytest.mark.parametrize("obstacle", ["directory", "no file descriptor left"])
+async def test_stamp_file_that_cannot_be_made_again_refuses_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs, obstacle: str) -> None:  # type: ignore[no-untyped-def]
+    """`<db>.changes` removed and not made again (a directory in its place, EMFILE): the others cannot see
+    this worker's writes, so it refuses them (and /readyz says why) until the file can be made again."""
+    monkeypatch.setattr("avr_llm_proxy.stores.stamps.FOLLOW_EVERY_S", 0.0)
+    store = open_store(f"sqlite:///{tmp_path / 'calls.db'}")
+    registry = CallRegistry(store, 3600)
+    stamps = tmp_path / "calls.db.changes"
+    try:
+        await registry.put(record())
+        stamps.unlink()
+        if obstacle == "directory":
+            stamps.mkdir()
+        else:
+            def exhausted(*args: object) -> int:
+                raise OSError(errno.EMFILE, "Too many open files")
+            monkeypatch.setattr("avr_llm_proxy.stores.stamps.os.open", exhausted)
+        assert store.stamp(UUID) is None
+        with pytest.raises(StoreError, match="calls.db.changes"):
+            await registry.put(record(number="+34612345678"))
+        with pytest.raises(StoreError, match="repair or remove"):
+            await store.ping()
+        if obstacle == "directory":
+            stamps.rmdir()
+        else:
+            monkeypatch.undo()
+            monkeypatch.setattr("avr_llm_proxy.stores.stamps.FOLLOW_EVERY_S", 0.0)
+        assert store.stamp(UUID) is not None
+        await registry.put(record(number="+34612345678"))
+        await store.ping()
+    finally:
+        await store.close()
+    lines = logs()
+    assert sum('"sqlite_stamp_unusable"' in line for line in lines) == 1
+    assert any('"sqlite_stamp_usable_again"' in line for line in lines)
 
 
 async def test_sqlite_with_an_unusable_stamp_file_refuses_writes(tmp_path: Path, logs) -> None:  # type: ignore[no-untyped-def]

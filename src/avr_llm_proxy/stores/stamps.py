@@ -52,9 +52,11 @@ class ChangeStamps:
     def _open(self) -> None:
         """Map the file (created with the database's mode when missing), or say why not.
 
-        Without stamps every turn reads its record from SQLite.
+        Without stamps from the start every turn reads its record from SQLite. Once this process has
+        used them, other processes count on its writes showing there: losing them is a problem.
         """
         size = (1 + STAMP_SLOTS) * STAMP_BYTES
+        had = self._identity is not None or self.problem is not None
         self._map = self._identity = None
         try:
             mode = stat.S_IMODE(os.stat(self._database).st_mode)  # whoever may write the database may write this
@@ -64,30 +66,37 @@ class ChangeStamps:
                 if info.st_size < size:
                     os.ftruncate(fd, size)
                     os.pwrite(fd, os.urandom(size), 0)  # new: matches no stamp held from an earlier file
-                self._map, self._identity, self.problem = mmap.mmap(fd, size), (info.st_dev, info.st_ino), None
+                self._map, self._identity = mmap.mmap(fd, size), (info.st_dev, info.st_ino)
             finally:
                 os.close(fd)
         except (OSError, ValueError) as exc:
-            if os.path.lexists(self.path):
-                self.problem = f"cannot use {self.path} ({exc}): repair or remove it with every process stopped"
-                log.error("sqlite_stamp_unusable", path=self.path, reason=str(exc), effect="writes refused")
+            if had or os.path.lexists(self.path):
+                problem = f"cannot use {self.path} ({exc}): repair or remove it with every process stopped"
+                if problem != self.problem:
+                    log.error("sqlite_stamp_unusable", path=self.path, reason=str(exc), effect="writes refused")
+                self.problem = problem
             else:
                 log.warning("sqlite_stamp_unavailable", path=self.path, reason=str(exc),
                             effect="every turn reads its record from SQLite")
+            return
+        if self.problem is not None:
+            log.warning("sqlite_stamp_usable_again", path=self.path)
+        self.problem = None
 
     def follow(self) -> None:
-        """Map the file again if it is no longer the one mapped (removed, or replaced by a new one)."""
+        """Map the file again if it is no longer the one mapped (removed, replaced, or unusable until now)."""
         with self._lock:
             self._checked_at = time.monotonic()
-            if self._identity is None:
-                return
-            try:
-                info = os.stat(self.path, follow_symlinks=False)
-                if (info.st_dev, info.st_ino) == self._identity:
-                    return
-            except OSError:
-                pass
-            log.warning("sqlite_stamp_file_replaced", path=self.path, effect="records held here are read again")
+            if self._identity is not None:
+                try:
+                    info = os.stat(self.path, follow_symlinks=False)
+                    if (info.st_dev, info.st_ino) == self._identity:
+                        return
+                except OSError:
+                    pass
+                log.warning("sqlite_stamp_file_replaced", path=self.path, effect="records held here are read again")
+            elif self.problem is None:
+                return  # never had stamps: nothing here counts on them
             self._open()  # the old map is closed when the last reader lets go of it
 
     def read(self, key: str) -> bytes | None:
