@@ -66,8 +66,12 @@ _LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+?_(\d+)\.db")
 @contextlib.contextmanager
 def metrics_shared_by_workers() -> Iterator[Path]:
     """For `serve --workers N`: the workers (started inside) write their metrics to files in one new
-    private directory, so a scrape answered by any worker reports the whole service. Removed after."""
-    directory = Path(tempfile.mkdtemp(prefix="avr-llm-proxy-metrics-"))
+    private directory, so a scrape answered by any worker reports the whole service. Removed after.
+
+    It is made in systemd's RuntimeDirectory when there is one (/run is never swept by age, while a
+    cleaner of /tmp could remove a file a gauge still writes to), else in TMPDIR.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="avr-llm-proxy-metrics-", dir=os.environ.get("RUNTIME_DIRECTORY")))
     os.environ[SHARED_METRICS_ENV] = str(directory)
     try:
         yield directory
@@ -96,7 +100,8 @@ def _forget_dead_workers(directory: str) -> None:
         try:
             os.kill(int(match.group(1)), 0)
         except ProcessLookupError:
-            multiprocess.mark_process_dead(int(match.group(1)), directory)  # type: ignore[no-untyped-call]
+            with contextlib.suppress(FileNotFoundError):  # another worker's scrape got there first
+                multiprocess.mark_process_dead(int(match.group(1)), directory)  # type: ignore[no-untyped-call]
         except PermissionError:
             pass  # alive, under another user
 

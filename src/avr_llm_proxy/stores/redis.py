@@ -34,6 +34,7 @@ POOL_WAIT_S = 2.0
 READ_DEADLINE_S = 1.0
 # Compare-and-set in one step on the server: another replica's write between a read and this one wins.
 _SWAP = """
+redis.replicate_commands()  -- Redis 5 without it refuses a write after PTTL (a "random" command)
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[3] == '' then
   -- the expiry it had (PTTL, not SET's KEEPTTL: that needs Redis 6)
