@@ -198,13 +198,13 @@ class _Session:
         record = record_from_environment(env, uuid, num_pres, self.server.region)
         try:
             stored = await self.server.registry.put(record)
-        except StoreError as exc:
+        except StoreError as exc:  # the call still gets its UUID: the dialplan goes on, without a caller
             log.error("capture_not_stored", uuid=uuid, source="agi", reason=str(exc))
-            stored = record
-        log.info(
-            "caller_captured", uuid=uuid, source="agi", caller_number=stored.caller.log_number,
-            presentation=stored.caller.presentation, channel=stored.channel,
-        )
+        else:
+            log.info(
+                "caller_captured", uuid=uuid, source="agi", caller_number=stored.caller.log_number,
+                presentation=stored.caller.presentation, channel=stored.channel,
+            )
         reply = await self.command(f"SET VARIABLE UUID {quote_agi(uuid)}")
         return "ok" if reply is not None and reply.code == 200 else "hangup"
 
