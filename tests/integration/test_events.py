@@ -14,9 +14,28 @@ from pathlib import Path
 
 import orjson
 
+from avr_llm_proxy.app import keys_for
+from avr_llm_proxy.calls import CallRegistry
+from avr_llm_proxy.config import Settings
 from avr_llm_proxy.simulate import http_request, play_call, register_caller
+from avr_llm_proxy.stores import open_store
 
 from ..conftest import clean_environ, make_settings, running_api, running_proxy
+
+
+async def counted(settings: Settings, call: str, turns: int) -> None:
+    """Until the store holds the call's turn count (written in the background, after each answer)."""
+    sealer = keys_for(settings).sealer
+    registry = CallRegistry(open_store(settings.store_url), settings.caller_ttl_seconds, sealer=sealer)
+    try:
+        for _ in range(200):
+            record = await registry.get(call, fresh=True)
+            if record is not None and record.turns >= turns:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"turn count {turns} never stored")
+    finally:
+        await registry.store.close()
 
 
 def event(call: str, kind: str, payload: dict[str, object] | None = None) -> bytes:
@@ -50,7 +69,7 @@ async def test_lifecycle_and_forwarding(tmp_path: Path) -> None:
             assert (await http_request(f"{proxy.url}/events", event(call, "call_started"))).status == 200
             heard = await play_call(proxy.url, call, ["hola", "mi pedido"])
             assert "Juan" in heard[0].sentences[0]
-            await asyncio.sleep(0.3)  # the turn count is written in the background
+            await counted(settings, call, 2)
             assert (await http_request(f"{proxy.url}/events", event(call, "call_ended"))).status == 200
             for _ in range(50):
                 if len(api.received) >= 3:
@@ -84,10 +103,10 @@ async def test_forwarded_event_counts_turns_another_worker_answered(tmp_path: Pa
             # A turn here leaves the record held by the forwarding worker; avr-core's next turns (its
             # history holds all three) go to the other worker.
             heard = await play_call(forwarding.url, call, ["hola"])
-            await asyncio.sleep(0.3)  # the turn count is written in the background
+            await counted(settings, call, 1)
             heard += (await play_call(counting.url, call, ["hola", "mi pedido", "gracias"]))[1:]
             assert "Juan" in heard[0].sentences[0] and len(heard) == 3 and all(turn.sentences for turn in heard)
-            await asyncio.sleep(0.3)
+            await counted(settings, call, 3)
             assert (await http_request(f"{forwarding.url}/events", event(call, "transcription"))).status == 200
             for _ in range(50):
                 if len(api.received) >= 2:
