@@ -218,20 +218,11 @@ class CallRegistry:
         if self.sealer is not None:
             data = self.sealer.seal(data)
         tag = self.number_tag(stored.caller)
-        try:
-            if over is not None:
-                if not await self.store.swap(stored.uuid, over.data, data, None if keep else expires_at, tag, notify):
-                    return None
-            elif not await self.store.put(stored.uuid, data, stored.expires_at, tag, replace):
+        if over is not None:
+            if not await self.store.swap(stored.uuid, over.data, data, None if keep else expires_at, tag, notify):
                 return None
-        except StoreError as exc:
-            # A capture while a shared store is down (Redis restarting) is not lost: this process
-            # holds it, its turns use it, and the store gets it back once it answers (see _lookup).
-            # Not for add(): whether the call already has a caller (perhaps withheld) cannot be told.
-            if not (self.store.volatile and over is None and replace):
-                raise
-            log.warning("capture_held_here", uuid=stored.uuid, reason=str(exc),
-                        effect="this process's turns have the caller; the store gets it when it answers")
+        elif not await self.store.put(stored.uuid, data, stored.expires_at, tag, replace):
+            return None
         self._wake(stored.uuid)
         if over is not None and not notify:
             # A quiet write leaves the stamp as it was: it still vouches for this record.

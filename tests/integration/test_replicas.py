@@ -175,33 +175,6 @@ async def test_redis_restarted_mid_call(tmp_path: Path) -> None:
         private.wait(10)
 
 
-async def test_capture_while_redis_is_down(tmp_path: Path) -> None:
-    """A FastAGI capture while Redis is down is held by the replica that took it: its turns carry the
-    number, and Redis gets the record once it answers again."""
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server is not installed")
-    port = closed_port()
-    command = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    url = f"redis://127.0.0.1:{port}/0"
-    private = await asyncio.to_thread(start_redis, command, url)
-    try:
-        async with running_api() as api, replicas(tmp_path, 1, STORE_URL=url, API_URL=api.url) as (proxy,):
-            private.terminate()
-            private.wait(10)
-            call = await agi_capture(proxy.agi_port, "+593987654321")
-            assert call and await greeting(proxy.url, call) == "Hola +593987654321."
-            private = await asyncio.to_thread(start_redis, command, url)
-            assert await greeting(proxy.url, call) == "Hola +593987654321."
-            assert redis.Redis.from_url(url).exists(f"avrlp:call:{call}")
-        log = (tmp_path / f"serve-{proxy.port}.log").read_text()
-        assert "event=capture_held_here" in log and "event=record_restored" in log
-        assert "593987654321" not in log
-    finally:
-        private.terminate()
-        private.wait(10)
-
-
 async def test_serve_restarted_mid_call_with_sqlite(tmp_path: Path) -> None:
     """serve killed and started again on the same SQLite file: the next turn still carries the number."""
     async with running_api() as api:
