@@ -21,7 +21,7 @@ import structlog
 from .identity import UNKNOWN_CALLER, CallerId
 from .observability import CAPTURES
 from .privacy import Sealer, SealError, hash_number
-from .stores import Store, StoreError
+from .stores import TAG_ERASED, Store, StoreError
 
 log = structlog.get_logger("avr_llm_proxy.calls")
 
@@ -175,6 +175,10 @@ class CallRegistry:
     def _wake(self, uuid: str) -> None:
         if uuid.startswith("-"):  # erased by another process
             self._known.pop(uuid[1:], None)
+            return
+        if uuid.startswith(TAG_ERASED):  # every record of a number erased by another process
+            if dropped := self._drop_tagged({uuid[len(TAG_ERASED):]}):
+                log.info("erased_records_dropped", count=dropped)
             return
         for waiter in self._waiters.pop(uuid, ()):
             if not waiter.done():
@@ -359,9 +363,15 @@ class CallRegistry:
     async def forget_number(self, caller: CallerId) -> int:
         """Erase every record of this caller's number; returns how many went."""
         tags = {self.number_tag(caller, key) for key in (self.hash_key, *self.older_hash_keys)} - {None}
-        for uuid in [uuid for uuid, known in self._known.items() if self.number_tag(known.record.caller) in tags]:
-            del self._known[uuid]
+        self._drop_tagged(tags)
         return sum([await self.store.delete_tagged(tag) for tag in tags if tag])
+
+    def _drop_tagged(self, tags: set[str | None]) -> int:
+        """Forget the records held here of the numbers with these tags (none is written back after)."""
+        dropped = [uuid for uuid, known in self._known.items() if self.number_tag(known.record.caller) in tags]
+        for uuid in dropped:
+            del self._known[uuid]
+        return len(dropped)
 
     async def purge_expired(self) -> int:
         return await self.store.purge_expired(time.time())

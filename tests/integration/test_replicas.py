@@ -175,6 +175,44 @@ async def test_redis_restarted_mid_call(tmp_path: Path) -> None:
         private.wait(10)
 
 
+async def test_erasure_after_redis_lost_its_data(tmp_path: Path) -> None:
+    """Redis restarted empty, then `forget <number>`: the replica holding that call's record drops it
+    instead of writing it back on the next turn (erased means erased, found in Redis or not)."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed")
+    port = closed_port()
+    command = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    url = f"redis://127.0.0.1:{port}/0"
+    private = await asyncio.to_thread(start_redis, command, url)
+    try:
+        async with running_api() as api, replicas(tmp_path, 1, STORE_URL=url, API_URL=api.url) as (proxy,):
+            call = await agi_capture(proxy.agi_port, "+593987654321")
+            assert await greeting(proxy.url, call) == "Hola +593987654321."
+            private.terminate()
+            private.wait(10)
+            private = await asyncio.to_thread(start_redis, command, url)
+            for _ in range(200):  # the replica subscribes again (backoff after the cut)
+                if redis.Redis.from_url(url).pubsub_numsub("avrlp:captured")[0][1]:
+                    break
+                await asyncio.sleep(0.05)
+            forget = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "avr_llm_proxy", "forget", "0987654321"],
+                env=clean_environ(STORE_URL=url, ENCRYPTION_KEY=KEY, CALLERID_DIR=""), capture_output=True, text=True,
+                timeout=60, cwd=tmp_path)
+            assert forget.returncode == 0, forget.stderr
+            log = tmp_path / f"serve-{proxy.port}.log"
+            for _ in range(200):  # the erasure's message reaches the replica
+                if "event=erased_records_dropped" in log.read_text():
+                    break
+                await asyncio.sleep(0.05)
+            assert await greeting(proxy.url, call) == "Hola unknown."
+            assert not redis.Redis.from_url(url).exists(f"avrlp:call:{call}")
+    finally:
+        private.terminate()
+        private.wait(10)
+
+
 async def test_serve_restarted_mid_call_with_sqlite(tmp_path: Path) -> None:
     """serve killed and started again on the same SQLite file: the next turn still carries the number."""
     async with running_api() as api:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+# What `listen`'s callback may get besides a key: "-" + key (erased), TAG_ERASED + tag (every key of a tag).
+TAG_ERASED = "~"
+
 
 class StoreError(Exception):
     """The store cannot be reached or used; carries what went wrong for the log line."""
@@ -55,8 +58,8 @@ class Store(Protocol):
         ...
 
     def listen(self, on_key: Callable[[str], None]) -> None:
-        """Have `on_key(key)` called for puts made by other processes, and `on_key("-" + key)` for
-        values they deleted, where the store can tell."""
+        """Have `on_key(key)` called for puts made by other processes, `on_key("-" + key)` for values
+        they deleted and `on_key(TAG_ERASED + tag)` for tags they erased, where the store can tell."""
         ...
 
     async def get(self, key: str) -> bytes | None:

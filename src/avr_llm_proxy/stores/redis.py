@@ -19,7 +19,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from . import StoreError
+from . import TAG_ERASED, StoreError
 
 log = structlog.get_logger("avr_llm_proxy.stores.redis")
 
@@ -147,6 +147,9 @@ class RedisStore:
                     pipe.zrem(RECENT, *keys)
                 for key in keys:
                     pipe.publish(CHANNEL, "-" + key)  # replicas drop their copies: erased means erased
+                # And every copy of that number's calls they hold, found here or not: after Redis lost
+                # its data, a replica would otherwise write its copy back on the call's next turn.
+                pipe.publish(CHANNEL, TAG_ERASED + tag)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis erase failed: {type(exc).__name__}: {exc}") from exc
