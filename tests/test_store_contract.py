@@ -97,6 +97,13 @@ class TestStoreContract:
         assert await store.get("short") is None and await store.get("long") == b"v"
         assert await store.purge_expired(time.time()) >= 0
 
+    async def test_a_put_refused_leaves_the_tags_alone(self, store: Store) -> None:
+        """put(replace=False) over a live value indexes nothing: erasing its number spares the other caller."""
+        await store.put("k", b"first", time.time() + 60, "t1")
+        assert await store.put("k", b"second", time.time() + 60, "t2", replace=False) is False
+        assert await store.delete_tagged("t2") == 0 and await store.get("k") == b"first"
+        assert await store.delete_tagged("t1") == 1
+
     async def test_tags_erase_by_number(self, store: Store) -> None:
         """Every value with a tag goes with delete_tagged; others stay."""
         for key, tag in (("a", "t1"), ("b", "t1"), ("c", "t2")):

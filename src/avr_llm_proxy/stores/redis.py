@@ -32,20 +32,51 @@ POOL_WAIT_S = 2.0
 # A Redis that accepts but stops answering must not keep a caller in silence: redis-py's own socket
 # timeout and retries could add up to several seconds, so a turn's read has one deadline of its own.
 READ_DEADLINE_S = 1.0
-# Compare-and-set in one step on the server: another replica's write between a read and this one wins.
-_SWAP = """
-redis.replicate_commands()  -- Redis 5 without it refuses a write after PTTL (a "random" command)
+# Writes are Lua scripts: each value is written with its indexes (the tag erasure finds it by, the
+# recent-calls list) and its news in one step, so no record is ever in Redis without its tag. KEYS:
+# the value, its tag's set, the recent-calls index; ARGV[4..8]: the key, its expiry (the index's
+# score), tagged, notify, the channel. PTTL instead of SET KEEPTTL or PEXPIRE NX/GT: those need
+# Redis 6 and 7; Redis 5 refuses a write after PTTL (a "random" command) unless effects are replicated.
+_INDEXED = f"""
+redis.replicate_commands()
+local function indexed(ttl)
+  if ARGV[6] == '1' then
+    redis.call('SADD', KEYS[2], ARGV[4])
+    -- the set lives as long as the number's longest-living call: only ever extended
+    if redis.call('PTTL', KEYS[2]) < tonumber(ttl) then redis.call('PEXPIRE', KEYS[2], ttl) end
+  end
+  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -{RECENT_SIZE + 1})
+  if ARGV[7] == '1' then redis.call('PUBLISH', ARGV[8], ARGV[4]) end
+end
+"""
+# ARGV[1..3]: the value, its time to live (ms), only if absent.
+_PUT = _INDEXED + """
+local written
+if ARGV[3] == '1' then
+  written = redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX')
+else
+  written = redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+if not written then return 0 end
+indexed(ARGV[2])
+return 1
+"""
+# Compare-and-set: another replica's write between a read and this one wins. ARGV[1..3]: the value
+# read, the new one, its time to live (ms; empty: the value alone, its expiry and indexes stay).
+_SWAP = _INDEXED + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[3] == '' then
-  -- the expiry it had (PTTL, not SET's KEEPTTL: that needs Redis 6)
   local left = redis.call('PTTL', KEYS[1])
   if left >= 0 then
     redis.call('SET', KEYS[1], ARGV[2], 'PX', math.max(left, 1))
   else
     redis.call('SET', KEYS[1], ARGV[2])
   end
+  if ARGV[7] == '1' then redis.call('PUBLISH', ARGV[8], ARGV[4]) end
 else
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  indexed(ARGV[3])
 end
 return 1
 """
@@ -75,16 +106,25 @@ class RedisStore:
             health_check_interval=15, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3), retry_on_timeout=True,
         )
         self._client = aioredis.Redis(connection_pool=pool)
+        self._put = self._client.register_script(_PUT)
         self._swap = self._client.register_script(_SWAP)
         self._listener: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def _written(key: str, tag: str | None) -> list[str]:
+        """The KEYS of a write: the value, its tag's set (untouched without a tag), the recent calls."""
+        return [PREFIX + "call:" + key, PREFIX + "tag:" + (tag or ""), RECENT]
+
+    @staticmethod
+    def _indexing(key: str, expires_at: float, tag: str | None, notify: bool) -> list[str | float]:
+        return [key, expires_at, "1" if tag else "", "1" if notify else "", CHANNEL]
 
     async def put(self, key: str, value: bytes, expires_at: float, tag: str | None = None, replace: bool = True,
                   ) -> bool:
         ttl_ms = max(1, int((expires_at - time.time()) * 1000))
         try:
-            stored = await self._client.set(PREFIX + "call:" + key, value, px=ttl_ms, nx=not replace)
-            if stored:
-                await self._stored(key, expires_at, tag, ttl_ms)
+            stored = await self._put(keys=self._written(key, tag), args=[
+                value, ttl_ms, "" if replace else "1", *self._indexing(key, expires_at, tag, True)])
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis write failed: {type(exc).__name__}: {exc}") from exc
         return bool(stored)
@@ -93,31 +133,14 @@ class RedisStore:
                    notify: bool = True) -> bool:
         ttl_ms = "" if expires_at is None else max(1, int((expires_at - time.time()) * 1000))
         try:
-            swapped = await self._swap(keys=[PREFIX + "call:" + key], args=[expected, value, ttl_ms])
-            if swapped and expires_at is not None:
-                await self._stored(key, expires_at, tag, int(ttl_ms), notify)
-            elif swapped and notify:
-                await self._client.publish(CHANNEL, key)
+            swapped = await self._swap(keys=self._written(key, tag), args=[
+                expected, value, ttl_ms, *self._indexing(key, expires_at or 0.0, tag, notify)])
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis write failed: {type(exc).__name__}: {exc}") from exc
         return bool(swapped)
 
     def stamp(self, key: str) -> bytes | None:
         return None  # every turn reads: a replica's write is seen at once, whatever its pub/sub connection
-
-    async def _stored(self, key: str, expires_at: float, tag: str | None, ttl_ms: int, notify: bool = True) -> None:
-        """The indexes of a value just written, and the news of it for the other replicas."""
-        async with self._client.pipeline(transaction=False) as pipe:
-            if tag:
-                # The set lives as long as the number's longest-living call: set once, only ever extended.
-                pipe.sadd(PREFIX + "tag:" + tag, key)
-                pipe.pexpire(PREFIX + "tag:" + tag, ttl_ms, nx=True)
-                pipe.pexpire(PREFIX + "tag:" + tag, ttl_ms, gt=True)
-            pipe.zadd(RECENT, {key: expires_at})
-            pipe.zremrangebyrank(RECENT, 0, -RECENT_SIZE - 1)
-            if notify:
-                pipe.publish(CHANNEL, key)
-            await pipe.execute()
 
     async def get(self, key: str) -> bytes | None:
         try:
