@@ -104,6 +104,20 @@ class TestStoreContract:
         assert await store.delete_tagged("t2") == 0 and await store.get("k") == b"first"
         assert await store.delete_tagged("t1") == 1
 
+    async def test_no_value_older_than_its_tags_erasure(self, store: Store) -> None:
+        """After delete_tagged, a value captured before it (a copy kept somewhere, a queued write) is
+        refused; one captured after it, one without the capture time and other tags are stored."""
+        before = time.time()
+        await asyncio.sleep(0.01)
+        assert await store.delete_tagged("t1") == 0  # nothing stored: the erasure still counts
+        assert await store.put("old", b"v", time.time() + 60, "t1", born=before) is False
+        assert await store.get("old") is None
+        assert await store.put("new", b"v", time.time() + 60, "t1", born=time.time())
+        assert await store.put("other", b"v", time.time() + 60, "t2", born=before)
+        assert await store.put("unborn", b"v", time.time() + 60, "t1")
+        assert await store.purge_expired(time.time()) >= 0  # a recent erasure is still remembered
+        assert await store.put("old", b"v", time.time() + 60, "t1", born=before) is False
+
     async def test_tags_erase_by_number(self, store: Store) -> None:
         """Every value with a tag goes with delete_tagged; others stay."""
         for key, tag in (("a", "t1"), ("b", "t1"), ("c", "t2")):
@@ -190,3 +204,26 @@ async def test_redis_that_stops_answering_fails_the_read() -> None:
         for writer in held:
             writer.close()
         await store.close()
+
+
+async def test_copy_held_through_a_redis_loss_is_not_written_back_over_an_erasure() -> None:
+    """Redis lost its data; the number is erased while a replica's subscription is down (no message
+    reaches it): the copy it holds is still not written back on the call's next turn."""
+    if not redis_available():
+        pytest.skip("Redis is not answering on 127.0.0.1:6379")
+    clean_redis()
+    holding, erasing = CallRegistry(open_store(REDIS_URL), 3600, hash_key=b"k" * 32), \
+        CallRegistry(open_store(REDIS_URL), 3600, hash_key=b"k" * 32)
+    try:
+        captured = await holding.put(record())
+        assert await holding.get(UUID) == captured
+        clean_redis()  # Redis restarted without persistence
+        assert await erasing.forget_number(captured.caller) == 0
+        assert await holding.get(UUID) is None
+        assert not redis.Redis.from_url(REDIS_URL).exists(f"avrlp:call:{UUID}")
+        again = await holding.put(record())  # the same number calling again is a new capture
+        assert await erasing.get(UUID) == again
+    finally:
+        await holding.store.close()
+        await erasing.store.close()
+        clean_redis()

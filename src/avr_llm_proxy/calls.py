@@ -187,7 +187,8 @@ class CallRegistry:
     async def put(self, record: CallRecord) -> CallRecord:
         """Record (or replace) a caller and wake every turn of this process waiting for it."""
         stored = await self._save(record)
-        assert stored is not None, "a replacing put always stores"
+        if stored is None:  # a replacing put is refused only for a number erased after the capture
+            raise StoreError("the caller's number was erased after this capture")
         CAPTURES.labels(source=stored.record.caller.source).inc()
         return stored.record
 
@@ -225,7 +226,7 @@ class CallRegistry:
         if over is not None:
             if not await self.store.swap(stored.uuid, over.data, data, None if keep else expires_at, tag, notify):
                 return None
-        elif not await self.store.put(stored.uuid, data, stored.expires_at, tag, replace):
+        elif not await self.store.put(stored.uuid, data, stored.expires_at, tag, replace, born=stored.captured_at):
             return None
         self._wake(stored.uuid)
         if over is not None and not notify:
@@ -275,11 +276,18 @@ class CallRegistry:
             self._known.pop(uuid, None)  # expired or erased (perhaps by another process): not kept here either
         kept = self._kept(uuid)
         if kept is not None:
-            # The store lost a live call's record (restarted without persistence): put it back.
+            # The store lost a live call's record (restarted without persistence): put it back, unless
+            # its number was erased since (then it goes from here too).
+            try:
+                restored = await self._save(kept.record)
+            except StoreError:
+                return kept
+            if restored is None:
+                self._known.pop(uuid, None)
+                log.warning("record_not_restored", uuid=uuid, reason="number erased since")
+                return None
             log.warning("record_restored", uuid=uuid)
-            with contextlib.suppress(StoreError):
-                return await self._save(kept.record)
-            return kept
+            return restored
         for source in self._late_sources:
             found = await source(uuid)
             if found is not None:

@@ -7,6 +7,8 @@ from typing import Protocol
 
 # What `listen`'s callback may get besides a key: "-" + key (erased), TAG_ERASED + tag (every key of a tag).
 TAG_ERASED = "~"
+# How long a store remembers that a tag was erased: the longest a record can live (CALLER_TTL_SECONDS' limit).
+ERASURE_KEPT_S = 7 * 86400
 
 
 class StoreError(Exception):
@@ -25,10 +27,12 @@ class Store(Protocol):
     volatile: bool
 
     async def put(self, key: str, value: bytes, expires_at: float, tag: str | None = None, replace: bool = True,
-                  ) -> bool:
+                  born: float | None = None) -> bool:
         """Store a value with an optional tag (a keyed number hash, for erasure by number).
 
-        With replace=False a live value is kept and False returned.
+        With replace=False a live value is kept and False returned. born: when the value came to be
+        (its capture); False when its tag was erased since, so a copy kept somewhere, or a write
+        queued before the erasure, does not bring an erased number back.
         """
         ...
 
@@ -50,7 +54,7 @@ class Store(Protocol):
         ...
 
     async def delete_tagged(self, tag: str) -> int:
-        """Delete every value stored with `tag`; returns how many."""
+        """Delete every value stored with `tag` and remember when (ERASURE_KEPT_S); returns how many."""
         ...
 
     async def recent(self, limit: int) -> list[bytes]:

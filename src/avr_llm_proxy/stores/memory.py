@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from . import ERASURE_KEPT_S
+
 
 class MemoryStore:
     poll_interval: float | None = None
@@ -13,12 +15,15 @@ class MemoryStore:
 
     def __init__(self, max_entries: int = 1_000_000) -> None:
         self._data: dict[str, tuple[float, bytes, str | None]] = {}
+        self._erased: dict[str, float] = {}  # tag: when
         self._max_entries = max_entries
 
     async def put(self, key: str, value: bytes, expires_at: float, tag: str | None = None, replace: bool = True,
-                  ) -> bool:
+                  born: float | None = None) -> bool:
         current = self._data.get(key)
         if current is not None and not replace and current[0] > time.time():
+            return False
+        if tag is not None and born is not None and self._erased.get(tag, float("-inf")) >= born:
             return False
         if len(self._data) >= self._max_entries and key not in self._data:
             await self.purge_expired(time.time())
@@ -52,6 +57,7 @@ class MemoryStore:
         return self._data.pop(key, None) is not None
 
     async def delete_tagged(self, tag: str) -> int:
+        self._erased[tag] = time.time()
         keys = [key for key, entry in self._data.items() if entry[2] == tag]
         for key in keys:
             del self._data[key]
@@ -65,6 +71,8 @@ class MemoryStore:
         return None  # one process: every put already wakes its waiters
 
     async def purge_expired(self, now: float) -> int:
+        for tag in [tag for tag, when in self._erased.items() if when <= now - ERASURE_KEPT_S]:
+            del self._erased[tag]
         expired = [key for key, entry in self._data.items() if entry[0] <= now]
         for key in expired:
             del self._data[key]

@@ -19,7 +19,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from . import TAG_ERASED, StoreError
+from . import ERASURE_KEPT_S, TAG_ERASED, StoreError
 
 log = structlog.get_logger("avr_llm_proxy.stores.redis")
 
@@ -50,8 +50,13 @@ local function indexed(ttl)
   if ARGV[7] == '1' then redis.call('PUBLISH', ARGV[8], ARGV[4]) end
 end
 """
-# ARGV[1..3]: the value, its time to live (ms), only if absent.
+# ARGV[1..3]: the value, its time to live (ms), only if absent; ARGV[9]: when the value came to be,
+# refused when KEYS[4] says its tag was erased since (or empty).
 _PUT = _INDEXED + """
+if ARGV[9] ~= '' then
+  local erased = redis.call('GET', KEYS[4])
+  if erased and tonumber(erased) >= tonumber(ARGV[9]) then return 0 end
+end
 local written
 if ARGV[3] == '1' then
   written = redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX')
@@ -112,19 +117,21 @@ class RedisStore:
 
     @staticmethod
     def _written(key: str, tag: str | None) -> list[str]:
-        """The KEYS of a write: the value, its tag's set (untouched without a tag), the recent calls."""
-        return [PREFIX + "call:" + key, PREFIX + "tag:" + (tag or ""), RECENT]
+        """The KEYS of a write: the value, its tag's set (untouched without a tag), the recent calls, and
+        when the tag was erased."""
+        return [PREFIX + "call:" + key, PREFIX + "tag:" + (tag or ""), RECENT, PREFIX + "erased:" + (tag or "")]
 
     @staticmethod
     def _indexing(key: str, expires_at: float, tag: str | None, notify: bool) -> list[str | float]:
         return [key, expires_at, "1" if tag else "", "1" if notify else "", CHANNEL]
 
     async def put(self, key: str, value: bytes, expires_at: float, tag: str | None = None, replace: bool = True,
-                  ) -> bool:
+                  born: float | None = None) -> bool:
         ttl_ms = max(1, int((expires_at - time.time()) * 1000))
         try:
             stored = await self._put(keys=self._written(key, tag), args=[
-                value, ttl_ms, "" if replace else "1", *self._indexing(key, expires_at, tag, True)])
+                value, ttl_ms, "" if replace else "1", *self._indexing(key, expires_at, tag, True),
+                "" if tag is None or born is None else born])
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis write failed: {type(exc).__name__}: {exc}") from exc
         return bool(stored)
@@ -162,6 +169,8 @@ class RedisStore:
 
     async def delete_tagged(self, tag: str) -> int:
         try:
+            # The mark first: a put of an older value after it is refused, one before it is deleted here.
+            await self._client.set(PREFIX + "erased:" + tag, time.time(), px=ERASURE_KEPT_S * 1000)
             keys = [_text(member) for member in await self._client.smembers(PREFIX + "tag:" + tag)]
             deleted = int(await self._client.delete(*[PREFIX + "call:" + key for key in keys])) if keys else 0
             async with self._client.pipeline(transaction=False) as pipe:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import structlog
 
-from . import StoreError
+from . import ERASURE_KEPT_S, StoreError
 from .stamps import ChangeStamps
 
 log = structlog.get_logger("avr_llm_proxy.stores.sqlite")
@@ -38,6 +38,10 @@ CREATE TABLE IF NOT EXISTS calls (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS calls_expiry ON calls (expires_at);
 CREATE INDEX IF NOT EXISTS calls_tag ON calls (tag);
+CREATE TABLE IF NOT EXISTS erased (
+    tag TEXT PRIMARY KEY,
+    at REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -175,14 +179,18 @@ class SqliteStore:
             self._writer.execute("ROLLBACK")
 
     async def put(self, key: str, value: bytes, expires_at: float, tag: str | None = None, replace: bool = True,
-                  ) -> bool:
+                  born: float | None = None) -> bool:
+        params: tuple[object, ...] = (key, value, expires_at, tag)
+        source = "VALUES (?, ?, ?, ?)"
+        if tag is not None and born is not None:
+            source = "SELECT ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM erased WHERE tag = ? AND at >= ?)"
+            params += (tag, born)
         # Without replace, only an expired row (not yet purged) may be overwritten.
         condition = "" if replace else " WHERE calls.expires_at <= ?"
-        params: tuple[object, ...] = (key, value, expires_at, tag)
         if not replace:
             params += (time.time(),)
         changed = await self._write(
-            "INSERT INTO calls (key, value, expires_at, tag) VALUES (?, ?, ?, ?) "
+            f"INSERT INTO calls (key, value, expires_at, tag) {source} "
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at, "
             "tag = excluded.tag" + condition,
             params, key,
@@ -205,6 +213,9 @@ class SqliteStore:
         return self._stamps.read(key)
 
     async def delete_tagged(self, tag: str) -> int:
+        # The mark first: a put of an older value committed between the two is refused or deleted.
+        await self._write("INSERT OR REPLACE INTO erased (tag, at) VALUES (?, ?)", (tag, time.time()), None,
+                          notify=False)
         return await self._write("DELETE FROM calls WHERE tag = ?", (tag,), None)
 
     async def get(self, key: str) -> bytes | None:
@@ -233,6 +244,7 @@ class SqliteStore:
 
     async def purge_expired(self, now: float) -> int:
         # Quiet: a process holding a record checks its expiry itself.
+        await self._write("DELETE FROM erased WHERE at <= ?", (now - ERASURE_KEPT_S,), None, notify=False)
         return await self._write("DELETE FROM calls WHERE expires_at <= ?", (now,), None, notify=False)
 
     async def ping(self) -> None:
