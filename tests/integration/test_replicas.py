@@ -176,8 +176,8 @@ async def test_redis_restarted_mid_call(tmp_path: Path) -> None:
 
 
 async def test_erasure_after_redis_lost_its_data(tmp_path: Path) -> None:
-    """Redis restarted empty, then `forget <number>`: the replica holding that call's record drops it
-    instead of writing it back on the next turn (erased means erased, found in Redis or not)."""
+    """Redis restarted empty, then `forget <number>`: the replica holding that call's record hears of it
+    and drops its copy, and does not write it back on the next turn (erased means erased)."""
     server = shutil.which("redis-server")
     if server is None:
         pytest.skip("redis-server is not installed")
@@ -192,22 +192,25 @@ async def test_erasure_after_redis_lost_its_data(tmp_path: Path) -> None:
             private.terminate()
             private.wait(10)
             private = await asyncio.to_thread(start_redis, command, url)
-            for _ in range(200):  # the replica subscribes again (backoff after the cut)
-                if redis.Redis.from_url(url).pubsub_numsub("avrlp:captured")[0][1]:
-                    break
-                await asyncio.sleep(0.05)
-            forget = await asyncio.to_thread(
-                subprocess.run, [sys.executable, "-m", "avr_llm_proxy", "forget", "0987654321"],
-                env=clean_environ(STORE_URL=url, ENCRYPTION_KEY=KEY, CALLERID_DIR=""), capture_output=True, text=True,
-                timeout=60, cwd=tmp_path)
-            assert forget.returncode == 0, forget.stderr
-            log = tmp_path / f"serve-{proxy.port}.log"
-            for _ in range(200):  # the erasure's message reaches the replica
-                if "event=erased_records_dropped" in log.read_text():
-                    break
-                await asyncio.sleep(0.05)
-            assert await greeting(proxy.url, call) == "Hola unknown."
-            assert not redis.Redis.from_url(url).exists(f"avrlp:call:{call}")
+            with redis.Redis.from_url(url) as direct:
+                for _ in range(200):  # the replica subscribes again (backoff after the cut)
+                    if direct.pubsub_numsub("avrlp:captured")[0][1]:
+                        break
+                    await asyncio.sleep(0.05)
+                assert direct.pubsub_numsub("avrlp:captured")[0][1] == 1, "the replica did not subscribe again"
+                forget = await asyncio.to_thread(
+                    subprocess.run, [sys.executable, "-m", "avr_llm_proxy", "forget", "0987654321"],
+                    env=clean_environ(STORE_URL=url, ENCRYPTION_KEY=KEY, CALLERID_DIR=""), capture_output=True,
+                    text=True, timeout=60, cwd=tmp_path)
+                assert forget.returncode == 0, forget.stderr
+                log = tmp_path / f"serve-{proxy.port}.log"
+                for _ in range(200):  # the erasure's message reaches the replica
+                    if "event=erased_records_dropped count=1" in log.read_text():
+                        break
+                    await asyncio.sleep(0.05)
+                assert "event=erased_records_dropped count=1" in log.read_text()
+                assert await greeting(proxy.url, call) == "Hola unknown."
+                assert not direct.exists(f"avrlp:call:{call}")
     finally:
         private.terminate()
         private.wait(10)

@@ -1,8 +1,9 @@
 """A store in Redis, shared by every replica: one key per call with its expiry, nothing scanned.
 
 Keys (prefix `avrlp:`): `call:<uuid>` holds the sealed record with a TTL; `tag:<hash>` is the set of
-calls of one number (for erasure), expiring with its newest call; `recent` is a sorted set of call
-ids trimmed to the last 1,000 (for `avr-llm-proxy calls`). A capture is published on `captured`, so
+calls of one number (for erasure), expiring with its newest call; `erased:<hash>` the time that
+number was erased (kept 7 days); `recent` is a sorted set of call ids trimmed to the last 1,000
+(for `avr-llm-proxy calls`). A capture is published on `captured`, so
 a turn waiting on another replica wakes at once instead of polling.
 """
 
@@ -67,6 +68,23 @@ if not written then return 0 end
 indexed(ARGV[2])
 return 1
 """
+# Erasure by number in one step (no capture of that number lands between the look-up and the
+# deletion, unindexed): the mark of when (so no copy captured before it is written back), every call
+# of the tag with its index entries, the news for replicas (each call, then the tag: they drop the
+# copies they hold). KEYS: the tag's set, its erasure mark, the recent calls; ARGV: when, how long
+# the mark is kept (ms), the calls' key prefix, the channel, the tag's message.
+_ERASE = """
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+local deleted = 0
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  deleted = deleted + redis.call('DEL', ARGV[3] .. member)
+  redis.call('ZREM', KEYS[3], member)
+  redis.call('PUBLISH', ARGV[4], '-' .. member)
+end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return deleted
+"""
 # Compare-and-set: another replica's write between a read and this one wins. ARGV[1..3]: the value
 # read, the new one, its time to live (ms; empty: the value alone, its expiry and indexes stay).
 _SWAP = _INDEXED + """
@@ -113,6 +131,7 @@ class RedisStore:
         self._client = aioredis.Redis(connection_pool=pool)
         self._put = self._client.register_script(_PUT)
         self._swap = self._client.register_script(_SWAP)
+        self._erase = self._client.register_script(_ERASE)
         self._listener: asyncio.Task[None] | None = None
 
     @staticmethod
@@ -169,23 +188,11 @@ class RedisStore:
 
     async def delete_tagged(self, tag: str) -> int:
         try:
-            # The mark first: a put of an older value after it is refused, one before it is deleted here.
-            await self._client.set(PREFIX + "erased:" + tag, time.time(), px=ERASURE_KEPT_S * 1000)
-            keys = [_text(member) for member in await self._client.smembers(PREFIX + "tag:" + tag)]
-            deleted = int(await self._client.delete(*[PREFIX + "call:" + key for key in keys])) if keys else 0
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.delete(PREFIX + "tag:" + tag)
-                if keys:
-                    pipe.zrem(RECENT, *keys)
-                for key in keys:
-                    pipe.publish(CHANNEL, "-" + key)  # replicas drop their copies: erased means erased
-                # And every copy of that number's calls they hold, found here or not: after Redis lost
-                # its data, a replica would otherwise write its copy back on the call's next turn.
-                pipe.publish(CHANNEL, TAG_ERASED + tag)
-                await pipe.execute()
+            deleted = await self._erase(keys=[PREFIX + "tag:" + tag, PREFIX + "erased:" + tag, RECENT], args=[
+                time.time(), ERASURE_KEPT_S * 1000, PREFIX + "call:", CHANNEL, TAG_ERASED + tag])
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis erase failed: {type(exc).__name__}: {exc}") from exc
-        return deleted
+        return int(deleted)
 
     async def recent(self, limit: int) -> list[bytes]:
         try:
