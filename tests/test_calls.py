@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from avr_llm_proxy.calls import CallRecord, CallRegistry
+from avr_llm_proxy.calls import CallRecord, CallRegistry, NumberErased
 from avr_llm_proxy.identity import parse_caller
 from avr_llm_proxy.stores import Store, StoreError, open_store
 from avr_llm_proxy.stores.memory import MemoryStore
@@ -349,3 +349,15 @@ async def test_memory_store_is_bounded() -> None:
     for index in range(10):
         await store.put(f"k{index}", b"v", time.time() + 60)
     assert await store.get("k9") == b"v" and await store.get("k0") is None
+
+
+async def test_capture_older_than_its_numbers_erasure_is_refused(store: Store) -> None:
+    """A capture made just before `forget` of its number but stored after it is refused, named as such."""
+    registry = CallRegistry(store, 3600, hash_key=b"k" * 32)
+    captured = record()
+    await asyncio.sleep(0.01)
+    await registry.forget_number(captured.caller)
+    with pytest.raises(NumberErased):
+        await registry.put(captured)
+    assert await registry.get(UUID) is None
+    assert (await registry.put(record())).caller.e164 == "+593987654321"  # a capture after it is stored

@@ -33,6 +33,11 @@ MAX_CHANGE_ATTEMPTS = 5
 # How long a record held here is used on the store's word that nothing changed, before it is read again.
 MAX_TRUSTED_S = 60.0
 
+
+class NumberErased(StoreError):
+    """A capture older than its number's erasure: not stored (a race with `forget`, nothing broken)."""
+
+
 @dataclass(frozen=True, slots=True)
 class CallRecord:
     """Who is on one call, as captured at call start."""
@@ -188,7 +193,7 @@ class CallRegistry:
         """Record (or replace) a caller and wake every turn of this process waiting for it."""
         stored = await self._save(record)
         if stored is None:  # a replacing put is refused only for a number erased after the capture
-            raise StoreError("the caller's number was erased after this capture")
+            raise NumberErased("the caller's number was erased after this capture")
         CAPTURES.labels(source=stored.record.caller.source).inc()
         return stored.record
 

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.types import Receive
 
 from ..access import Network, bearer, client_in, token_matches
-from ..calls import CallRecord, CallRegistry
+from ..calls import CallRecord, CallRegistry, NumberErased
 from ..lifecycle import EventError, Lifecycle, parse_event
 from ..observability import REJECTED
 from ..stores import StoreError
@@ -91,6 +91,9 @@ def capture_router(
             stored = await registry.put(record) if with_token else await registry.add(record)
             if stored is None and await _may_replace(registry, record):
                 stored = await registry.put(record)
+        except NumberErased as exc:
+            log.warning("capture_not_stored", uuid=record.uuid, reason=str(exc))
+            return refuse("number_erased", 409)
         except StoreError as exc:
             log.error("capture_not_stored", uuid=record.uuid, reason=str(exc))
             return refuse("store_unavailable", 503)
