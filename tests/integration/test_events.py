@@ -20,7 +20,7 @@ from avr_llm_proxy.config import Settings
 from avr_llm_proxy.simulate import http_request, play_call, register_caller
 from avr_llm_proxy.stores import open_store
 
-from ..conftest import clean_environ, make_settings, running_api, running_proxy
+from ..conftest import FakeApi, clean_environ, make_settings, running_api, running_proxy
 
 
 async def counted(settings: Settings, call: str, turns: int) -> None:
@@ -36,6 +36,14 @@ async def counted(settings: Settings, call: str, turns: int) -> None:
         raise AssertionError(f"turn count {turns} never stored")
     finally:
         await registry.store.close()
+
+
+async def forwarded(api: FakeApi, events: int) -> None:
+    """Until EVENTS_URL has received that many events (they are sent in the background), 2.5 s at most."""
+    for _ in range(50):
+        if len(api.received) >= events:
+            return
+        await asyncio.sleep(0.05)
 
 
 def event(call: str, kind: str, payload: dict[str, object] | None = None) -> bytes:
@@ -71,10 +79,7 @@ async def test_lifecycle_and_forwarding(tmp_path: Path) -> None:
             assert "Juan" in heard[0].sentences[0]
             await counted(settings, call, 2)
             assert (await http_request(f"{proxy.url}/events", event(call, "call_ended"))).status == 200
-            for _ in range(50):
-                if len(api.received) >= 3:
-                    break
-                await asyncio.sleep(0.05)
+            await forwarded(api, 3)
         env = clean_environ(STORE_URL=settings.store_url)
         listing = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "avr_llm_proxy", "calls"],
                                           env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
@@ -108,10 +113,7 @@ async def test_forwarded_event_counts_turns_another_worker_answered(tmp_path: Pa
             assert "Juan" in heard[0].sentences[0] and len(heard) == 3 and all(turn.sentences for turn in heard)
             await counted(settings, call, 3)
             assert (await http_request(f"{forwarding.url}/events", event(call, "transcription"))).status == 200
-            for _ in range(50):
-                if len(api.received) >= 2:
-                    break
-                await asyncio.sleep(0.05)
+            await forwarded(api, 2)
     assert [(body["type"], body["turns"]) for body in api.received] == [("call_initiated", 0), ("transcription", 3)]
 
 

@@ -42,6 +42,37 @@ def start_redis(command: list[str], url: str) -> subprocess.Popen[bytes]:
     return process
 
 
+class PrivateRedis:
+    """A redis-server of the test's own on a free port, without persistence: stopped, it loses everything."""
+
+    def __init__(self, server: str) -> None:
+        port = closed_port()
+        self.command = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        self.process = await asyncio.to_thread(start_redis, self.command, self.url)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@contextlib.asynccontextmanager
+async def private_redis() -> AsyncIterator[PrivateRedis]:
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed")
+    private = PrivateRedis(server)
+    await private.start()
+    try:
+        yield private
+    finally:
+        private.stop()
+
+
 @pytest.fixture
 def clean_redis() -> Iterator[None]:
     if not redis_up():
@@ -149,71 +180,49 @@ async def test_replica_killed_mid_call(tmp_path: Path, clean_redis: None) -> Non
 
 async def test_redis_restarted_mid_call(tmp_path: Path) -> None:
     """A private Redis restarted (losing everything) mid-call: /readyz says so, turns keep their caller."""
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server is not installed")
-    port = closed_port()
-    command = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    url = f"redis://127.0.0.1:{port}/0"
-    private = await asyncio.to_thread(start_redis, command, url)
-    try:
-        async with running_api() as api, replicas(tmp_path, 1, STORE_URL=url, API_URL=api.url) as (proxy,):
-            call = await agi_capture(proxy.agi_port, "+593987654321")
-            assert await greeting(proxy.url, call) == "Hola +593987654321."
-            private.terminate()
-            private.wait(10)
-            ready = await http_request(f"{proxy.url}/readyz", b"", method="GET")
-            assert ready.status == 503 and b"unreachable" in b"".join(ready.chunks)
-            assert await greeting(proxy.url, call) == "Hola +593987654321."  # Redis down
-            private = await asyncio.to_thread(start_redis, command, url)
-            assert await greeting(proxy.url, call) == "Hola +593987654321."  # Redis back, empty
-            assert redis.Redis.from_url(url).exists(f"avrlp:call:{call}")  # and healed
-            ready = await http_request(f"{proxy.url}/readyz", b"", method="GET")
-            assert ready.status == 200
-    finally:
-        private.terminate()
-        private.wait(10)
+    async with private_redis() as private, running_api() as api, \
+            replicas(tmp_path, 1, STORE_URL=private.url, API_URL=api.url) as (proxy,):
+        call = await agi_capture(proxy.agi_port, "+593987654321")
+        assert await greeting(proxy.url, call) == "Hola +593987654321."
+        private.stop()
+        ready = await http_request(f"{proxy.url}/readyz", b"", method="GET")
+        assert ready.status == 503 and b"unreachable" in b"".join(ready.chunks)
+        assert await greeting(proxy.url, call) == "Hola +593987654321."  # Redis down
+        await private.start()
+        assert await greeting(proxy.url, call) == "Hola +593987654321."  # Redis back, empty
+        assert redis.Redis.from_url(private.url).exists(f"avrlp:call:{call}")  # and healed
+        ready = await http_request(f"{proxy.url}/readyz", b"", method="GET")
+        assert ready.status == 200
 
 
 async def test_erasure_after_redis_lost_its_data(tmp_path: Path) -> None:
     """Redis restarted empty, then `forget <number>`: the replica holding that call's record hears of it
     and drops its copy, and does not write it back on the next turn (erased means erased)."""
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server is not installed")
-    port = closed_port()
-    command = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    url = f"redis://127.0.0.1:{port}/0"
-    private = await asyncio.to_thread(start_redis, command, url)
-    try:
-        async with running_api() as api, replicas(tmp_path, 1, STORE_URL=url, API_URL=api.url) as (proxy,):
-            call = await agi_capture(proxy.agi_port, "+593987654321")
-            assert await greeting(proxy.url, call) == "Hola +593987654321."
-            private.terminate()
-            private.wait(10)
-            private = await asyncio.to_thread(start_redis, command, url)
-            with redis.Redis.from_url(url) as direct:
-                for _ in range(200):  # the replica subscribes again (backoff after the cut)
-                    if direct.pubsub_numsub("avrlp:captured")[0][1]:
-                        break
-                    await asyncio.sleep(0.05)
-                assert direct.pubsub_numsub("avrlp:captured")[0][1] == 1, "the replica did not subscribe again"
-                forget = await asyncio.to_thread(
-                    subprocess.run, [sys.executable, "-m", "avr_llm_proxy", "forget", "0987654321"],
-                    env=clean_environ(STORE_URL=url, ENCRYPTION_KEY=KEY, CALLERID_DIR=""), capture_output=True,
-                    text=True, timeout=60, cwd=tmp_path)
-                assert forget.returncode == 0, forget.stderr
-                log = tmp_path / f"serve-{proxy.port}.log"
-                for _ in range(200):  # the erasure's message reaches the replica
-                    if "event=erased_records_dropped count=1" in log.read_text():
-                        break
-                    await asyncio.sleep(0.05)
-                assert "event=erased_records_dropped count=1" in log.read_text()
-                assert await greeting(proxy.url, call) == "Hola unknown."
-                assert not direct.exists(f"avrlp:call:{call}")
-    finally:
-        private.terminate()
-        private.wait(10)
+    async with private_redis() as private, running_api() as api, \
+            replicas(tmp_path, 1, STORE_URL=private.url, API_URL=api.url) as (proxy,):
+        call = await agi_capture(proxy.agi_port, "+593987654321")
+        assert await greeting(proxy.url, call) == "Hola +593987654321."
+        private.stop()
+        await private.start()
+        with redis.Redis.from_url(private.url) as direct:
+            for _ in range(200):  # the replica subscribes again (backoff after the cut)
+                if direct.pubsub_numsub("avrlp:captured")[0][1]:
+                    break
+                await asyncio.sleep(0.05)
+            assert direct.pubsub_numsub("avrlp:captured")[0][1] == 1, "the replica did not subscribe again"
+            forget = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "avr_llm_proxy", "forget", "0987654321"],
+                env=clean_environ(STORE_URL=private.url, ENCRYPTION_KEY=KEY, CALLERID_DIR=""), capture_output=True,
+                text=True, timeout=60, cwd=tmp_path)
+            assert forget.returncode == 0, forget.stderr
+            log = tmp_path / f"serve-{proxy.port}.log"
+            for _ in range(200):  # the erasure's message reaches the replica
+                if "event=erased_records_dropped count=1" in log.read_text():
+                    break
+                await asyncio.sleep(0.05)
+            assert "event=erased_records_dropped count=1" in log.read_text()
+            assert await greeting(proxy.url, call) == "Hola unknown."
+            assert not direct.exists(f"avrlp:call:{call}")
 
 
 async def test_serve_restarted_mid_call_with_sqlite(tmp_path: Path) -> None:
