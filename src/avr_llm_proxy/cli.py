@@ -85,16 +85,20 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def simulate(args: argparse.Namespace) -> int:
-    from .simulate import new_call_uuid, play_call, register_caller
+    """Play one call against the proxy that `serve` runs on these same settings (HOST, PORT, CAPTURE_TOKEN)."""
+    from .simulate import new_call_uuid, play_call, proxy_url, register_caller
 
-    base = args.url.rstrip("/")
+    settings = _settings()
+    base = (args.url or proxy_url(settings.host, settings.port)).rstrip("/")
+    token = settings.capture_token or None
     call_uuid = args.uuid or new_call_uuid()
 
     async def run() -> int:
         failed = False
         print(f"call {call_uuid}")
         if args.register != "none":
-            reply = await register_caller(base, call_uuid, args.caller, args.name, args.called, args.register)
+            reply = await register_caller(base, call_uuid, args.caller, args.name, args.called, args.register,
+                                          token)
             body = b"".join(reply.chunks).decode("utf-8", "replace").strip()
             print(f"  caller registered via /call ({args.register}): HTTP {reply.status} {body}")
             failed = not 200 <= reply.status < 300
@@ -256,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.set_defaults(func=serve)
 
     p_sim = sub.add_parser("simulate", help="play one call against a running proxy as avr-core would")
-    p_sim.add_argument("--url", default="http://127.0.0.1:6017", help="the proxy (default %(default)s)")
+    p_sim.add_argument("--url", help="the proxy (default: http://HOST:PORT of the settings, as serve listens)")
     p_sim.add_argument("--caller", required=True, help="the caller's number, as Asterisk would give it")
     p_sim.add_argument("--name", help="the caller's name")
     p_sim.add_argument("--called", help="the number the caller dialled (DID)")

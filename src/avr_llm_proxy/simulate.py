@@ -7,6 +7,7 @@ avr-core does, since each chunk is JSON-parsed on its own.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
@@ -52,7 +53,8 @@ async def http_request(
     try:
         head = (
             f"{method} {parts.path or '/'}{'?' + parts.query if parts.query else ''} HTTP/1.1\r\n"
-            f"Host: {host}:{port}\r\nAccept: application/json, text/plain, */*\r\nUser-Agent: axios/1.7.9\r\n"
+            f"Host: {_url_host(host)}:{port}\r\n"
+            "Accept: application/json, text/plain, */*\r\nUser-Agent: axios/1.7.9\r\n"
             f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
             + "".join(f"{key}: {value}\r\n" for key, value in (headers or {}).items())
             + "\r\n"
@@ -116,15 +118,21 @@ def hear(reply: HttpReply, said: str) -> HeardTurn:
 
 
 async def register_caller(
-    base_url: str, call_uuid: str, number: str, name: str | None, called: str | None, way: str
+    base_url: str, call_uuid: str, number: str, name: str | None, called: str | None, way: str,
+    token: str | None = None,
 ) -> HttpReply:
-    """Record the caller like a dialplan would: our JSON, or the form `CURL()` posts."""
+    """Record the caller like a dialplan would: our JSON, or the form `CURL()` posts.
+
+    With `token` (the proxy's CAPTURE_TOKEN) the capture is accepted from any network, as /call requires
+    of a client outside TRUSTED_NETWORKS.
+    """
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     if way == "form":
         fields = {"uuid": call_uuid, "num": number, "name": name or "", "dnid": called or ""}
         body = "&".join(f"{key}={quote(value, safe='')}" for key, value in fields.items()).encode()
-        return await http_request(f"{base_url}/call", body, "application/x-www-form-urlencoded")
+        return await http_request(f"{base_url}/call", body, "application/x-www-form-urlencoded", headers=headers)
     payload = {"uuid": call_uuid, "caller_number": number, "caller_name": name, "called_number": called}
-    return await http_request(f"{base_url}/call", orjson.dumps(payload))
+    return await http_request(f"{base_url}/call", orjson.dumps(payload), headers=headers)
 
 
 async def play_call(base_url: str, call_uuid: str, utterances: list[str]) -> list[HeardTurn]:
@@ -138,6 +146,26 @@ async def play_call(base_url: str, call_uuid: str, utterances: list[str]) -> lis
         history.extend({"role": "assistant", "content": sentence} for sentence in heard.sentences)
         heard_turns.append(heard)
     return heard_turns
+
+
+def proxy_url(host: str, port: int) -> str:
+    """The URL a client uses to reach a proxy that `serve` bound to HOST:PORT.
+
+    A wildcard bind address (0.0.0.0, ::, or empty) accepts on every interface but cannot be connected
+    to portably, so the client goes to the loopback address of the same family.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return f"http://{host or '127.0.0.1'}:{port}"
+    if address.is_unspecified:
+        address = ipaddress.ip_address("::1" if address.version == 6 else "127.0.0.1")
+    return f"http://{_url_host(str(address))}:{port}"
+
+
+def _url_host(host: str) -> str:
+    """A host as it is written in a URL or Host header: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 def new_call_uuid() -> str:
