@@ -95,10 +95,10 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
-def _listening_socket() -> socket.socket:
+def _listening_socket(bind: tuple[str, int] = ("127.0.0.1", 0)) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(bind)
     sock.listen(512)
     return sock
 
@@ -110,9 +110,9 @@ class Proxy:
 
 
 @contextlib.asynccontextmanager
-async def running_proxy(settings: Settings) -> AsyncIterator[Proxy]:
+async def running_proxy(settings: Settings, bind: tuple[str, int] = ("127.0.0.1", 0)) -> AsyncIterator[Proxy]:
     """The real app served by uvicorn on a loopback port, for tests that need real HTTP framing."""
-    sock = _listening_socket()
+    sock = _listening_socket(bind)
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), log_level="warning", access_log=False, lifespan="on", http="httptools")
     )
@@ -122,7 +122,7 @@ async def running_proxy(settings: Settings) -> AsyncIterator[Proxy]:
             task.result()
         await asyncio.sleep(0.005)
     try:
-        yield Proxy(f"http://127.0.0.1:{sock.getsockname()[1]}", settings)
+        yield Proxy(f"http://{bind[0]}:{sock.getsockname()[1]}", settings)
     finally:
         server.should_exit = True
         await task

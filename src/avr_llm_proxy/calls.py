@@ -68,6 +68,21 @@ class CallRecord:
         return cls(**known)
 
 
+def recaptured(current: CallRecord, capture: CallRecord) -> CallRecord:
+    """A call's record after a new capture: a withheld caller stays withheld, the call's lifecycle stays."""
+    keep_withheld = current.caller.presentation == "withheld" != capture.caller.presentation
+    return dataclasses.replace(
+        capture,
+        caller=current.caller if keep_withheld else capture.caller,
+        called_number=capture.called_number or current.called_number,
+        channel=capture.channel or current.channel,
+        uniqueid=capture.uniqueid or current.uniqueid,
+        started_at=current.started_at,
+        ended_at=current.ended_at,
+        turns=current.turns,
+    )
+
+
 # A late source is asked for a caller the store does not have (the legacy file is one).
 LateSource = Callable[[str], Awaitable["CallRecord | None"]]
 
@@ -190,12 +205,26 @@ class CallRegistry:
                 waiter.set_result(None)
 
     async def put(self, record: CallRecord) -> CallRecord:
-        """Record (or replace) a caller and wake every turn of this process waiting for it."""
-        stored = await self._save(record)
-        if stored is None:  # a replacing put is refused only for a number erased after the capture
-            raise NumberErased("the caller's number was erased after this capture")
-        CAPTURES.labels(source=stored.record.caller.source).inc()
-        return stored.record
+        """Record a caller, or capture the call again, and wake every turn of this process waiting for it.
+
+        A capture again keeps what the call's record already knows (a withheld presentation, the start,
+        the turns): sources report the same call in any order (the two halves of a Local channel, AMI
+        after FastAGI), and a number withheld by one of them must not come back through another.
+        """
+        stored = await self._save(record, replace=False)
+        if stored is not None:
+            CAPTURES.labels(source=record.caller.source).inc()
+            return stored.record
+        again = await self.change(record.uuid, lambda current: recaptured(current, record), ttl=self.ttl_seconds)
+        if again is None:  # gone meanwhile (expired, forgotten): a first capture after all
+            stored = await self._save(record)
+            if stored is None:  # refused only for a number erased after the capture
+                raise NumberErased("the caller's number was erased after this capture")
+            again = stored.record
+        elif again.caller != record.caller:
+            log.info("withheld_kept", uuid=record.uuid, source=record.caller.source, kept=again.caller.source)
+        CAPTURES.labels(source=record.caller.source).inc()
+        return again
 
     async def add(self, record: CallRecord) -> CallRecord | None:
         """Record a caller unless the call already has a live record (then None)."""

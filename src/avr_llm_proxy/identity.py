@@ -31,6 +31,7 @@ _NAME_PLACEHOLDERS = _UNAVAILABLE_SPELLINGS | _WITHHELD_SPELLINGS | {"anonymous 
 _PRES_CODE = re.compile(r"^\s*(\d{1,3})\b")
 _URI_PREFIX = re.compile(r"^(?:tel|sips?):", re.IGNORECASE)
 _RAW_KEEP = re.compile(r"[^0-9A-Za-z+*#]")
+_DIALLED = re.compile(r"^\+?[0-9*#]*[0-9][0-9*#]*$")
 _NUMBER_TYPES = {value: name.lower() for name, value in vars(phonenumbers.PhoneNumberType).items()
                  if name.isupper()}
 
@@ -126,6 +127,19 @@ def sanitize_raw(value: object) -> str:
     text = _ascii_digits(_clean(value, 256))
     text = _URI_PREFIX.sub("", text).split("@", 1)[0].split(";", 1)[0]
     return _RAW_KEEP.sub("", text)[:MAX_RAW_LENGTH]
+
+
+def dialled_number(*candidates: object) -> str | None:
+    """The first candidate that is a dialled number (digits, with `+`, `*`, `#`), reduced as `sanitize_raw`.
+
+    Asterisk fills the dialled-number fields with words where there is none (`s` for a Gosub's
+    extension, `unknown` for a Local channel's DNID): those are not numbers anyone dialled.
+    """
+    for candidate in candidates:
+        number = sanitize_raw(candidate)
+        if number and _DIALLED.match(number):
+            return number
+    return None
 
 
 def _spelling_presentation(text: str) -> Presentation | None:

@@ -60,13 +60,15 @@ def by_json(case: dict[str, Any]) -> CallRecord:
 
 
 def by_ami(case: dict[str, Any]) -> CallRecord:
-    """NewCallerid with CallerIDNum and CID-CallingPres as AMI shows them, VarSet UUID, then the Getvar answer."""
+    """NewCallerid with CallerIDNum and CID-CallingPres as AMI shows them, VarSet UUID, the AudioSocket step,
+    then the Getvar answer."""
     code = case["agi_callingpres"] if case["agi_callingpres"] is not None else 0
     common = (f"Channel: PJSIP/tester-00000001\r\nCallerIDNum: {case['ami_callerid_num']}\r\n"
               f"CallerIDName: {case['name'] or '<unknown>'}\r\nUniqueid: 1.1\r\nLinkedid: 1.1\r\n")
     stream = (f"Asterisk Call Manager/11.0.0\r\nEvent: NewCallerid\r\n{common}"
               f"CID-CallingPres: {code} ({PRES_TEXT[code]})\r\n\r\n"
-              f"Event: VarSet\r\n{common}Variable: UUID\r\nValue: {UUID}\r\n\r\n")
+              f"Event: VarSet\r\n{common}Variable: UUID\r\nValue: {UUID}\r\n\r\n"
+              f"Event: Newexten\r\n{common}Application: Dial\r\nAppData: AudioSocket/127.0.0.1:5001/{UUID},120\r\n\r\n")
     tracker = CallTracker()
     captures = [c for message in AmiParser().feed(stream.encode()) for c in tracker.feed(message)]
     assert len(captures) == 1

@@ -14,7 +14,6 @@ names an existing Python 3.11 base image to use instead of building one.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -38,12 +37,10 @@ from typing import Any
 
 import pytest
 
+from tests.machine import CACHE, apt_install, cache_lock, report, which
+
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
-CACHE = Path(
-    os.environ.get("AVR_LLM_PROXY_CACHE")
-    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "avr-llm-proxy"
-)
 # The test's images, containers and volumes live in their own storage in the cache: its runs never touch (or
 # prune) anybody else's images, and removing the cache directory removes everything they left.
 PODMAN = [
@@ -67,43 +64,6 @@ def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
     if check and result.returncode != 0:
         pytest.fail(f"podman {' '.join(args[:3])} … failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
-
-
-def report(config: pytest.Config, line: str) -> None:
-    """A line in pytest's own output (not captured), shown with -q too."""
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    capture = config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None:
-        return
-    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
-        reporter.write_line(f"\n[deploy] {line}")
-
-
-@contextlib.contextmanager
-def cache_lock() -> Iterator[None]:
-    """One test run at a time fills the cache."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def apt_install(*packages: str) -> str | None:
-    """Install Debian packages, as CI must; None when done, else why not."""
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return f"cannot install {' '.join(packages)}: not root, or no apt-get"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=900, env=env)
-    result = subprocess.run(["apt-get", "install", "-y", "-q", *packages], capture_output=True, text=True,
-                            timeout=900, env=env)
-    return None if result.returncode == 0 else f"apt-get install failed: {result.stderr.strip()[-500:]}"
-
-
-def which(program: str) -> str | None:
-    return shutil.which(program, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
 
 
 def ensure_podman() -> None:
@@ -155,7 +115,7 @@ def build_base(config: pytest.Config) -> str:
                        capture_output=True, timeout=600)
         partial.rename(tarball)
         shutil.rmtree(rootfs)
-        report(config, f"base image made with debootstrap in {time.monotonic() - started:.0f} s")
+        report(config, "deploy", f"base image made with debootstrap in {time.monotonic() - started:.0f} s")
     with open(tarball, "rb") as source:
         imported = subprocess.run(
             [*PODMAN, "import",
@@ -235,7 +195,7 @@ def image(request: pytest.FixtureRequest) -> Image:
     # podman shows the HEALTHCHECK beside Config, docker inside it.
     healthcheck = inspected.get("Healthcheck") or inspected["Config"].get("Healthcheck")
     built = Image(IMAGE_TAG, int(inspected["Size"]), {**inspected["Config"], "Healthcheck": healthcheck})
-    report(config, f"image {IMAGE_TAG} built in {time.monotonic() - started:.0f} s (base {base}): "
+    report(config, "deploy", f"image {IMAGE_TAG} built in {time.monotonic() - started:.0f} s (base {base}): "
                    f"{built.size / 1e6:.1f} MB")
     return built
 
@@ -276,7 +236,7 @@ def test_image_is_unprivileged_small_and_has_no_build_tools(image: Image, reques
     assert [line for line in tools[1:] if line.startswith("/")] == [], f"build tools in the image: {tools}"
     assert not any(line.startswith("pip ") for line in tools), "pip in the image's Python"
     assert any(line.startswith("ok   settings: HTTP 0.0.0.0:6017") for line in tools), tools
-    report(request.config, f"image size: {image.size / 1e6:.1f} MB ({image.size} bytes)")
+    report(request.config, "deploy", f"image size: {image.size / 1e6:.1f} MB ({image.size} bytes)")
     assert image.size < 400e6
 
 
@@ -461,6 +421,7 @@ def test_container_end_to_end(image: Image, request: pytest.FixtureRequest) -> N
         finally:
             podman("rm", "--force", "--time", "0", name, check=False)
             podman("volume", "rm", "--force", volume, check=False)
-    report(request.config, f"container: healthy {ready_s:.1f} s after start, {restart_s:.1f} s after restart; "
+    report(request.config, "deploy",
+           f"container: healthy {ready_s:.1f} s after start, {restart_s:.1f} s after restart; "
                            f"whole run {time.monotonic() - started:.0f} s")
 

@@ -17,7 +17,7 @@ import structlog
 
 from ..avr import canonical_uuid
 from ..calls import CallRecord, CallRegistry
-from ..identity import parse_caller, parse_presentation, sanitize_raw, strictest
+from ..identity import dialled_number, parse_caller, parse_presentation, strictest
 from ..observability import AGI_SESSIONS
 from ..stores import StoreError
 
@@ -132,13 +132,13 @@ def record_from_environment(env: AgiEnvironment, uuid: str, num_pres: str | None
         source="agi",
         region=region,
     )
-    dnid = sanitize_raw(env.get("agi_dnid"))
-    extension = sanitize_raw(env.get("agi_extension"))
-    called = dnid or (extension if extension.lstrip("+").isdigit() else "")
+    # The shipped subroutine passes the extension that called it as the second argument: inside the
+    # Gosub agi_extension is `s`, and a Local channel has no DNID.
+    called = dialled_number(env.get("agi_dnid"), env.get("agi_arg_2"), env.get("agi_extension"))
     return CallRecord(
         uuid=uuid,
         caller=caller,
-        called_number=called or None,
+        called_number=called,
         channel=env.get("agi_channel")[:128] or None,
         uniqueid=env.get("agi_uniqueid")[:64] or None,
     )

@@ -12,14 +12,14 @@ import contextlib
 import itertools
 import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import structlog
 
 from ..avr import canonical_uuid
 from ..calls import CallRecord, CallRegistry
-from ..identity import parse_caller, parse_presentation, sanitize_raw, strictest
+from ..identity import dialled_number, parse_caller, parse_presentation, sanitize_raw, strictest
 from ..observability import AMI_CONNECTED, AMI_EVENTS
 from ..stores import StoreError
 
@@ -29,6 +29,8 @@ MAX_MESSAGE_BYTES = 64 * 1024
 MAX_CHANNELS = 20_000
 _AUDIOSOCKET_CHANNEL = re.compile(r"^AudioSocket/[^-]*-(.{36})")
 _NO_VALUE = ("", "<unknown>", "unknown")
+_C_ESCAPE = re.compile(r"\\(.)")
+_C_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
 
 
 class AmiProtocolError(Exception):
@@ -120,19 +122,34 @@ class _Channel:
     presentation: str = ""
     exten: str = ""
     uuid: str = ""
-    emitted: tuple[str, ...] = field(default_factory=tuple)
 
 
 def _known(value: str) -> str:
     return "" if value.strip() in _NO_VALUE else value.strip()
 
 
+def _unescape(value: str) -> str:
+    """A caller name as the channel holds it: AMI's channel events escape it C-style (`O\\'Neil`)."""
+    return _C_ESCAPE.sub(lambda found: _C_ESCAPES.get(found.group(1), found.group(1)), value)
+
+
 class CallTracker:
-    """Which caller belongs to which call UUID, from the events of every channel; memory is bounded."""
+    """Which caller belongs to which call UUID, from the events of every channel; memory is bounded.
+
+    A call is captured once, at its AudioSocket step (the `Dial(AudioSocket/…)` or `AudioSocket()`
+    application, or else the AudioSocket channel's first event): the caller ID and presentation are
+    then what avr-core's call will have, whatever the dialplan changed before. A `VarSet` of the UUID
+    only binds it to its channel; nothing after the step captures the call again.
+    """
 
     def __init__(self, max_channels: int = MAX_CHANNELS) -> None:
         self._channels: OrderedDict[str, _Channel] = OrderedDict()
-        self._inbound: dict[str, str] = {}  # linkedid -> the channel that runs the caller's dialplan
+        self._inbound: dict[str, str] = {}  # linkedid -> the first channel of the call that is not AudioSocket
+        # uuid -> the channel that set it or ran the AudioSocket step with it: the caller's own leg. A
+        # Local pair shares its linkedid, and only this half sees what the dialplan changed (a withheld
+        # presentation set before the AudioSocket step is not on the other half).
+        self._owners: dict[str, str] = {}
+        self._captured: OrderedDict[str, None] = OrderedDict()
         self._max_channels = max_channels
 
     def __len__(self) -> int:
@@ -148,14 +165,18 @@ class CallTracker:
             self._forget(name)
             return []
         channel = self._update(name, message)
-        uuid = self._uuid_in(event, message, channel)
-        if uuid and not channel.uuid:
-            channel.uuid = uuid
-        if event == "dialbegin":
-            dest = _AUDIOSOCKET_CHANNEL.match(message.value("destchannel"))
-            if dest and canonical_uuid(dest.group(1)) and not channel.uuid:
-                channel.uuid = canonical_uuid(dest.group(1)) or ""
-        return self._captures(channel)
+        uuid, step = self._uuid_in(event, message, channel)
+        if uuid is None:
+            return []
+        if not _AUDIOSOCKET_CHANNEL.match(name):
+            channel.uuid = channel.uuid or uuid
+            self._owners.setdefault(uuid, name)
+        if not step or uuid in self._captured:
+            return []
+        self._captured[uuid] = None
+        if len(self._captured) > self._max_channels:
+            self._captured.popitem(last=False)
+        return [self._capture(uuid, channel)]
 
     def _update(self, name: str, message: AmiMessage) -> _Channel:
         channel = self._channels.pop(name, None) or _Channel(name)
@@ -166,9 +187,9 @@ class CallTracker:
         channel.linkedid = message.value("linkedid") or channel.linkedid
         if "calleridnum" in message:
             channel.number = _known(message.value("calleridnum")) or channel.number
-            channel.caller_name = _known(message.value("calleridname")) or channel.caller_name
+            channel.caller_name = _unescape(_known(message.value("calleridname"))) or channel.caller_name
             channel.connected_number = _known(message.value("connectedlinenum")) or channel.connected_number
-            channel.connected_name = _known(message.value("connectedlinename")) or channel.connected_name
+            channel.connected_name = _unescape(_known(message.value("connectedlinename"))) or channel.connected_name
         if "cid-callingpres" in message:
             channel.presentation = message.value("cid-callingpres")
         if not channel.exten and message.value("event").lower() == "newchannel":
@@ -178,52 +199,56 @@ class CallTracker:
         return channel
 
     @staticmethod
-    def _uuid_in(event: str, message: AmiMessage, channel: _Channel) -> str | None:
+    def _uuid_in(event: str, message: AmiMessage, channel: _Channel) -> tuple[str | None, bool]:
+        """The call UUID this event names, and whether it is the call's AudioSocket step."""
         if event == "varset" and message.value("variable").upper() in ("UUID", "AUDIOSOCKET_UUID"):
-            return canonical_uuid(message.value("value"))
+            return canonical_uuid(message.value("value")), False
         if event == "newexten":
             application, data = message.value("application").lower(), message.value("appdata")
             if application == "dial" and data.lower().startswith("audiosocket/"):
                 # AudioSocket/<host:port>/<uuid>[/…][,timeout,…]: the segment after host:port (WIRE.md).
                 parts = data.split(",", 1)[0].split("/")
-                return canonical_uuid(parts[2]) if len(parts) > 2 else None
+                return (canonical_uuid(parts[2]) if len(parts) > 2 else None), True
             if application == "audiosocket":
-                return canonical_uuid(data.split(",", 1)[0].strip())
+                return canonical_uuid(data.split(",", 1)[0].strip()), True
+        if event == "dialbegin":
+            dest = _AUDIOSOCKET_CHANNEL.match(message.value("destchannel"))
+            if dest:
+                return canonical_uuid(dest.group(1)), True
         socket_name = _AUDIOSOCKET_CHANNEL.match(channel.name)
-        return canonical_uuid(socket_name.group(1)) if socket_name else None
+        return (canonical_uuid(socket_name.group(1)), True) if socket_name else (None, False)
 
-    def _caller_leg(self, channel: _Channel) -> tuple[_Channel, bool]:
-        """The channel whose caller ID is the caller; on an AudioSocket leg that is the inbound leg."""
-        if not _AUDIOSOCKET_CHANNEL.match(channel.name):
-            return channel, True
-        inbound = self._channels.get(self._inbound.get(channel.linkedid, ""))
-        return (inbound, True) if inbound is not None else (channel, False)
-
-    def _captures(self, channel: _Channel) -> list[AmiCapture]:
-        if not channel.uuid:
-            return []
-        leg, own = self._caller_leg(channel)
-        number = leg.number if own else channel.connected_number
-        name = leg.caller_name if own else channel.connected_name
+    def _capture(self, uuid: str, channel: _Channel) -> AmiCapture:
+        """The caller of the channel that runs the AudioSocket step; on the AudioSocket leg itself,
+        the channel that dialled it (by UUID, else the call's first channel), else its connected line."""
+        leg: _Channel | None = channel
+        if _AUDIOSOCKET_CHANNEL.match(channel.name):
+            leg = self._channels.get(self._owners.get(uuid, "")) or \
+                self._channels.get(self._inbound.get(channel.linkedid, ""))
+        if leg is None:
+            leg = channel
+            number, name = channel.connected_number, channel.connected_name
+        else:
+            number, name = leg.number, leg.caller_name
         inbound = self._channels.get(self._inbound.get(channel.linkedid, ""), leg)
-        called = inbound.exten if inbound.exten.lstrip("+").isdigit() else ""
-        capture = AmiCapture(channel.uuid, leg.name, number, name, leg.presentation, called, leg.uniqueid)
-        key = (capture.number, capture.name, capture.presentation, capture.called)
-        if channel.emitted == key:
-            return []
-        channel.emitted = key
-        return [capture]
+        called = dialled_number(leg.exten, inbound.exten) or ""
+        return AmiCapture(uuid, leg.name, number, name, leg.presentation, called, leg.uniqueid)
 
     def _forget(self, name: str) -> None:
         channel = self._channels.pop(name, None)
         if channel is not None and self._inbound.get(channel.linkedid) == name:
             del self._inbound[channel.linkedid]
+        if channel is not None and self._owners.get(channel.uuid) == name:
+            del self._owners[channel.uuid]
 
 
-def record_from_capture(capture: AmiCapture, num_pres: str, region: str) -> CallRecord:
-    """The call record for a capture; `num_pres` is the Getvar answer (empty when none came)."""
-    caller = parse_caller(capture.number, capture.name, strictest(capture.presentation, num_pres),
-                          source="ami", region=region)
+def record_from_capture(capture: AmiCapture, num_pres: str | None, region: str) -> CallRecord:
+    """The call record for a capture; `num_pres` is the Getvar answer, None when it could not be had.
+
+    An unknown presentation is a withheld one: the number is kept back rather than risked.
+    """
+    presentation = strictest(capture.presentation, "prohib" if num_pres is None else num_pres)
+    caller = parse_caller(capture.number, capture.name, presentation, source="ami", region=region)
     return CallRecord(uuid=capture.uuid, caller=caller, called_number=capture.called or None,
                       channel=capture.channel[:128], uniqueid=capture.uniqueid[:64] or None)
 
@@ -260,7 +285,7 @@ class AmiListener:
         self.connected = False
         self._task: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
-        self._pending: dict[str, asyncio.Future[str]] = {}
+        self._pending: dict[str, asyncio.Future[str | None]] = {}
         self._records: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
@@ -296,6 +321,8 @@ class AmiListener:
         async with asyncio.timeout(5.0):
             reader, writer = await asyncio.open_connection(self.endpoint.host, self.endpoint.port)
         parser = AmiParser()
+        # A restarted Asterisk names channels from 0 again: what was tracked before belongs to other calls.
+        self.tracker = CallTracker()
         try:
             writer.write(_action({"Action": "Login", "ActionID": "login", "Username": self.endpoint.username,
                                   "Secret": self.endpoint.secret, "Events": "on"}))
@@ -329,7 +356,7 @@ class AmiListener:
             waiter = self._pending.pop(action_id, None)
             if waiter is not None and not waiter.done():
                 ok = message.value("response").lower() == "success"
-                waiter.set_result(message.value("value") if ok else "")
+                waiter.set_result(message.value("value") if ok else None)
             return
         AMI_EVENTS.inc()
         for capture in self.tracker.feed(message):
@@ -339,20 +366,12 @@ class AmiListener:
 
     async def _record(self, capture: AmiCapture, writer: asyncio.StreamWriter) -> None:
         """Record one capture; a presentation-only change has no event, so ask for num-pres first."""
-        num_pres = ""
-        if parse_presentation(capture.presentation) in (None, "allowed") and not writer.is_closing():
-            action_id = f"pres-{next(self._ids)}"
-            waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-            self._pending[action_id] = waiter
-            writer.write(_action({"Action": "Getvar", "ActionID": action_id, "Channel": capture.channel,
-                                  "Variable": "CALLERID(num-pres)"}))
-            try:
-                async with asyncio.timeout(self.presentation_wait):
-                    num_pres = await waiter
-            except TimeoutError:
-                log.info("ami_presentation_unknown", uuid=capture.uuid, channel=capture.channel)
-            finally:
-                self._pending.pop(action_id, None)
+        num_pres: str | None = ""
+        if parse_presentation(capture.presentation) in (None, "allowed"):
+            num_pres = await self._presentation(capture.channel, writer)
+            if num_pres is None:
+                log.warning("ami_presentation_unknown", uuid=capture.uuid, channel=capture.channel,
+                            treated_as="withheld")
         record = record_from_capture(capture, num_pres, self.region)
         caller = record.caller
         try:
@@ -362,3 +381,20 @@ class AmiListener:
             return
         log.info("caller_captured", uuid=capture.uuid, source="ami", caller_number=caller.log_number,
                  presentation=caller.presentation, channel=capture.channel)
+
+    async def _presentation(self, channel: str, writer: asyncio.StreamWriter) -> str | None:
+        """The channel's `CALLERID(num-pres)`; None when the manager could not say (error, no answer)."""
+        if writer.is_closing():
+            return None
+        action_id = f"pres-{next(self._ids)}"
+        waiter: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._pending[action_id] = waiter
+        writer.write(_action({"Action": "Getvar", "ActionID": action_id, "Channel": channel,
+                              "Variable": "CALLERID(num-pres)"}))
+        try:
+            async with asyncio.timeout(self.presentation_wait):
+                return await waiter
+        except TimeoutError:
+            return None
+        finally:
+            self._pending.pop(action_id, None)

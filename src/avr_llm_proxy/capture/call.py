@@ -10,7 +10,7 @@ from urllib.parse import unquote, unquote_plus
 
 from ..avr import canonical_uuid, json_object
 from ..calls import CallRecord
-from ..identity import parse_caller, sanitize_raw
+from ..identity import dialled_number, parse_caller
 
 MAX_FORM_FIELDS = 32
 MAX_FIELD_CHARS = 4096
@@ -92,7 +92,7 @@ def parse_call(content_type: str, body: bytes, region: str) -> CallRecord:
     return CallRecord(
         uuid=uuid,
         caller=caller,
-        called_number=sanitize_raw(called) or None if called is not None else None,
+        called_number=dialled_number(called),
         channel=_text(data.get("channel")),
         uniqueid=_text(data.get("uniqueid"), 64),
     )

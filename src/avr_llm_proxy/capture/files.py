@@ -11,17 +11,31 @@ import os
 import stat
 import time
 from pathlib import Path
+from urllib.parse import unquote
 
 import structlog
 
 from ..avr import canonical_uuid
 from ..calls import CallRecord
-from ..identity import parse_caller
+from ..identity import dialled_number, parse_caller
 
 log = structlog.get_logger("avr_llm_proxy.capture.files")
 
 MAX_FILE_BYTES = 512
 PREFIX, SUFFIX = "callerid-", ".txt"
+# What dialplan/avr-callerid-legacy.conf writes after the number: presentation, name, dialled number.
+FIELDS = ("pres", "name", "dnid")
+
+
+def _contents(data: bytes) -> tuple[str, dict[str, str]]:
+    """The number (the first line, as the seed writes it) and the URL-encoded `key=value` lines after it."""
+    first, *rest = data.decode("utf-8", errors="replace").splitlines()
+    fields = {}
+    for line in rest:
+        key, sep, value = line.partition("=")
+        if sep and key.strip() in FIELDS:
+            fields[key.strip()] = unquote(value.strip())
+    return first, fields
 
 
 class LegacyCallerFiles:
@@ -69,10 +83,11 @@ class LegacyCallerFiles:
         if path is None or data is None or not data.strip():
             # Empty: the dialplan may be half-way through writing it; look again on the next turn.
             return None
-        first_line = data.decode("utf-8", errors="replace").splitlines()[0]
-        caller = parse_caller(first_line, source="file", region=self.region)
+        number, fields = _contents(data)
+        caller = parse_caller(number, fields.get("name"), fields.get("pres"), source="file", region=self.region)
         log.info("caller_file_read", uuid=uuid, caller_number=caller.log_number, presentation=caller.presentation)
-        return CallRecord(uuid=path.name[len(PREFIX):-len(SUFFIX)], caller=caller)
+        return CallRecord(uuid=path.name[len(PREFIX):-len(SUFFIX)], caller=caller,
+                          called_number=dialled_number(fields.get("dnid")))
 
     def erase_number(self, number: str) -> int:
         """Delete every caller file that names `number` (E.164 or as written); returns how many."""
@@ -81,8 +96,7 @@ class LegacyCallerFiles:
             data = self._read(Path(entry.path))
             if not data or not data.strip():
                 continue
-            caller = parse_caller(data.decode("utf-8", errors="replace").splitlines()[0], source="file",
-                                  region=self.region)
+            caller = parse_caller(_contents(data)[0], source="file", region=self.region)
             if number in (caller.e164, caller.raw):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
