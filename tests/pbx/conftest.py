@@ -30,8 +30,9 @@ from tests.pbx.asterisk import (
     ensure_root,
 )
 from tests.pbx.avr_core import AvrCore
-from tests.pbx.dialplans import extensions, pjsip
+from tests.pbx.dialplans import extensions
 from tests.pbx.manager import Manager, manager
+from tests.pbx.sip import pjsip
 
 DIALPLAN = Path(__file__).resolve().parents[2] / "dialplan"
 PROXY_NAME = "avr-llm-proxy"

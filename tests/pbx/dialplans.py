@@ -52,13 +52,12 @@ def extensions(audiosocket_port: int) -> str:
     """extensions.conf: the shipped files by `#include`, as the README says, then the test contexts."""
     lines = ["[general]", "static = yes", "writeprotect = yes", ""]
     lines += [f"#include avr-llm-proxy/{name}" for name in INCLUDES]
+    # SIP calls (pjsip endpoint `carrier`) dial 7<way><nn>: way 1-4 in the order of WAYS, then as the Local calls.
+    lines += ["", "[sip-in]"]
+    lines += [f"exten => _7{n}XX,1,Goto({context(way, 'dial', 'usage', 'plain')},${{EXTEN}},1)"
+              for n, way in enumerate(WAYS, 1)]
     for way, form, argument, presentation in itertools.product(WAYS, FORMS, ARGUMENTS, PRESENTATIONS):
         steps = _steps(way, form, argument, presentation, f"127.0.0.1:{audiosocket_port}")
         lines += ["", f"[{context(way, form, argument, presentation)}]", f"exten => _X.,1,{steps[0]}"]
         lines += [f" same => n,{step}" for step in steps[1:]]
     return "\n".join(lines) + "\n"
-
-
-def pjsip(sip_port: int) -> str:
-    """pjsip.conf: one UDP transport on loopback."""
-    return f"[udp]\ntype = transport\nprotocol = udp\nbind = 127.0.0.1:{sip_port}\n"

@@ -15,13 +15,15 @@ from avr_llm_proxy.capture.ami import AmiMessage, AmiParser
 
 
 class Manager:
-    """One logged-in AMI connection; `action` sends and returns the response; VarSet events are kept."""
+    """One logged-in AMI connection; `action` sends and returns the response; channels' extensions and
+    variables are kept from their events."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
         self._ids = itertools.count(1)
         self._responses: dict[str, asyncio.Future[AmiMessage]] = {}
         self.var_sets: list[tuple[str, str, str]] = []
+        self.extens: dict[str, str] = {}  # channel -> the extension it was created for (Newchannel)
         self._task = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -31,6 +33,8 @@ class Manager:
                 waiter = self._responses.pop(message.value("actionid"), None)
                 if "response" in message and waiter is not None and not waiter.done():
                     waiter.set_result(message)
+                if message.value("event") == "Newchannel":
+                    self.extens[message.value("channel")] = message.value("exten")
                 if message.value("event") == "VarSet":
                     self.var_sets.append((message.value("channel"), message.value("variable"), message.value("value")))
 
@@ -73,7 +77,7 @@ async def manager(port: int, username: str, secret: str) -> AsyncIterator[Manage
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     client = Manager(reader, writer)
     try:
-        answer = await client.action("Login", Username=username, Secret=secret, Events="dialplan")
+        answer = await client.action("Login", Username=username, Secret=secret, Events="call,dialplan")
         assert answer.value("response") == "Success", answer
         yield client
     finally:

@@ -1,0 +1,88 @@
+"""Real SIP calls from sipp into chan_pjsip, with the caller-ID headers carriers really send.
+
+The endpoint `carrier` is identified by IP and trusted for identity (`trust_id_inbound=yes`), as a
+carrier trunk is: a P-Asserted-Identity with `Privacy: id` gives Asterisk the real number with a
+`prohib` presentation, and that number must come out withheld. Every case runs through every
+shipped capture way, all calls at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LOG_LINES
+from tests.pbx.conftest import Pbx, stack
+from tests.pbx.dialplans import WAYS
+from tests.pbx.sip import place, sipp_program
+from tests.pbx.verify import Expected, Placed, check, finish
+
+HOST = "carrier.example"
+
+
+@dataclass(frozen=True)
+class SipCall:
+    """One INVITE: the headers that carry the caller (From first), and what the business API must see."""
+
+    label: str
+    headers: tuple[str, ...]
+    expected: Expected
+
+
+ANONYMOUS = 'From: "Anonymous" <sip:anonymous@anonymous.invalid>'
+CASES = (
+    SipCall("From user and display name", (f'From: "Maria Lopez" <sip:0987650001@{HOST}>',),
+            Expected("+593987650001", "allowed", "Maria Lopez")),
+    SipCall("trusted PAI with Privacy: id", (
+        ANONYMOUS, f"P-Asserted-Identity: <sip:+593987650002@{HOST};user=phone>", "Privacy: id"),
+            Expected("anonymous", "withheld", hidden="+593987650002")),
+    SipCall("anonymous@anonymous.invalid", (ANONYMOUS,), Expected("anonymous", "withheld")),
+    SipCall("tel: URI", ("From: <tel:+34612340003>",), Expected("+34612340003", "allowed")),
+    SipCall("RPID", (f"From: <sip:unknown@{HOST}>",
+                     f'Remote-Party-ID: "Carlos Ruiz" <sip:+593987650005@{HOST}>;party=calling;privacy=off;screen=yes'),
+            Expected("+593987650005", "allowed", "Carlos Ruiz")),
+    SipCall("RPID with privacy=full", (
+        ANONYMOUS, f'Remote-Party-ID: "Carlos Ruiz" <sip:+593987650006@{HOST}>;party=calling;privacy=full;screen=yes'),
+            Expected("anonymous", "withheld", hidden="+593987650006")),
+    SipCall("trusted PAI without privacy", (ANONYMOUS, f'P-Asserted-Identity: "Lucia Vera" <sip:+593987650007@{HOST}>'),
+            Expected("+593987650007", "allowed", "Lucia Vera")),
+)
+
+
+def _free_udp_ports(count: int) -> list[int]:
+    """`count` UDP port pairs' first ports (sipp's RTP uses the port and the next one)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port % 2 == 0 and port + 1 < 65536 and all(abs(port - taken) > 2 for taken in ports):
+            ports.append(port)
+    return ports
+
+
+async def test_sip_callers_through_every_way(pbx: Pbx, tmp_path: Path) -> None:
+    """Each carrier header form, through each capture way: the API sees the caller; a withheld one never."""
+    program = sipp_program()
+    if program is None:
+        pytest.skip("sipp (Debian's sip-tester) is not installed and cannot be installed here")
+    # The dialplan's ways first, the proxy without AMI; then AMI alone.
+    for ways, folder in ((WAYS[:3], tmp_path / "dialplan-ways"), (WAYS[3:], tmp_path / "ami")):
+        folder.mkdir()
+        calls = [(f"7{WAYS.index(way) + 1}{n:02d}", way, case) for way in ways for n, case in enumerate(CASES)]
+        placed = [Placed(exten, f"{way}: {case.label}", case.expected) for exten, way, case in calls]
+        ports = _free_udp_ports(2 * len(calls))
+        start = len(LOG_LINES)
+        async with stack(pbx, folder, ami="ami" in ways) as running:
+            outcomes = await asyncio.gather(*(
+                place(program, folder, pbx.asterisk.ports.sip, exten, case.headers, ports[2 * i], ports[2 * i + 1])
+                for i, (exten, _, case) in enumerate(calls)))
+            uuids = await finish(running, placed, ("UUID",))
+            failed = [f"{exten}: sipp exit {code}\n{detail}"
+                      for (exten, _, _), (code, detail) in zip(calls, outcomes, strict=True) if code != 0]
+            assert not failed, "\n".join(failed)
+            check(running, placed, uuids, folder / "calls.db", LOG_LINES[start:])

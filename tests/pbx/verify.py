@@ -1,0 +1,79 @@
+"""What every real call must show: its own caller on each of avr-core's turns, and no withheld number anywhere."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from avr_llm_proxy.privacy import mask_number
+from tests.pbx.avr_core import UTTERANCES
+from tests.pbx.conftest import Stack
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the business API must receive on every turn of one call."""
+
+    number: str
+    presentation: str
+    name: str | None = None
+    hidden: str | None = None  # a number the caller withheld: it must not be seen anywhere
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A call placed to `exten` (also its dialled number), described by `label`."""
+
+    exten: str
+    label: str
+    expected: Expected
+
+
+async def finish(stack_: Stack, calls: list[Placed], variables: tuple[str, ...]) -> dict[str, str]:
+    """Wait until each call has played its turns; the call UUID of each extension (from its VarSet)."""
+    with contextlib.suppress(TimeoutError):  # check() then names the calls that did not finish
+        await stack_.avr.wait_for(len(calls), within=60)
+    return {stack_.ami.extens[channel]: value for variable in variables
+            for channel, value in stack_.ami.variables(variable).items()
+            if value and channel in stack_.ami.extens}
+
+
+def check(stack_: Stack, calls: list[Placed], uuids: dict[str, str], store: Path, logs: list[str],
+          captured_before: bool = False) -> None:
+    """Every call's three turns carried its own caller; no withheld number went anywhere.
+
+    captured_before: the number was withheld after a capture had recorded it (as it was then): it must
+    still never reach the API, and the call's record ends withheld.
+    """
+    by_call: dict[str, list[dict[str, Any]]] = {}
+    for payload in stack_.api.received:
+        by_call.setdefault(payload["conversation_id"], []).append(payload)
+    problems = []
+    for call in calls:
+        uuid = uuids.get(call.exten)
+        played = stack_.avr.calls.get(uuid or "")
+        if uuid is None or played is None:
+            problems.append(f"{call.exten} {call.label}: no AudioSocket call (uuid {uuid})")
+            continue
+        heard = [turn.problems or turn.sentences for turn in played.turns]
+        if played.error or len(played.turns) != len(UTTERANCES) or any(turn.problems for turn in played.turns):
+            problems.append(f"{call.exten} {call.label}: avr-core {played.error or heard}")
+        seen = [(p["caller_number"], p["caller"]["presentation"], p["caller_name"], p["called_number"])
+                for p in by_call.get(uuid, [])]
+        want = call.expected
+        expected = [(want.number, want.presentation, want.name, call.exten)] * len(UTTERANCES)
+        if seen != expected:
+            problems.append(f"{call.exten} {call.label}: API saw {seen}, not {expected[0]}")
+    log = stack_.pbx.asterisk.log()[-3000:].splitlines()
+    assert not problems, "\n".join([*problems, "Asterisk's log ends:", *log])
+    for number in {call.expected.hidden for call in calls} - {None}:
+        assert number is not None
+        digits = number.lstrip("+")
+        assert not any(digits in str(payload) for payload in stack_.api.received), f"{number} reached the API"
+        if captured_before:
+            continue
+        assert not any(digits in line or mask_number(number) in line for line in logs), f"{number} was logged"
+        for path in store.parent.glob(store.name + "*"):
+            assert digits.encode() not in path.read_bytes(), f"{number} is in {path.name}"
