@@ -122,6 +122,12 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
             caller_dir=settings.callerid_dir or "off", agi=f"{agi.host}:{agi.port}" if agi else "off",
             ami=f"{ami.endpoint.host}:{ami.endpoint.port}" if ami else "off",
         )
+        if not (agi or ami or files):
+            # What is left is POST /call: from the dialplan's CURL() (with pres=) or from avr-core.
+            log.warning("presentation_not_captured", reason="AGI_LISTEN, AMI_URL and CALLERID_DIR are off, and "
+                        "avr-core's call_initiated carries no presentation: a withheld caller is honoured only "
+                        "when the dialplan posts /call itself (dialplan/avr-callerid-curl.conf)",
+                        hint="set AGI_LISTEN or AMI_URL, or use avr-callerid-curl.conf")
         try:
             yield
         finally:

@@ -138,3 +138,15 @@ async def test_initiated_does_not_replace_a_dialplan_capture(tmp_path: Path) -> 
         await http_request(f"{proxy.url}/events", event(call, "call_initiated", {"from": "+593987654321"}))
         heard = await play_call(proxy.url, call, ["hola"])
     assert "oculto" in " ".join(heard[0].sentences)
+
+
+async def test_start_up_warns_when_no_capture_way_knows_presentation(tmp_path: Path, logs) -> None:  # type: ignore[no-untyped-def]
+    """With FastAGI, AMI and the legacy file off, start-up says once that withheld callers depend on CURL()."""
+    async with running_proxy(make_settings(tmp_path, agi_listen="", ami_url="", callerid_dir="")):
+        pass
+    warned = [line for line in logs() if '"presentation_not_captured"' in line]
+    assert len(warned) == 1 and "call_initiated carries no presentation" in warned[0]
+    (tmp_path / "files").mkdir()
+    async with running_proxy(make_settings(tmp_path / "files", agi_listen="")):
+        pass
+    assert len([line for line in logs() if '"presentation_not_captured"' in line]) == 1
