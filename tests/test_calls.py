@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -361,3 +362,99 @@ async def test_capture_older_than_its_numbers_erasure_is_refused(store: Store) -
         await registry.put(captured)
     assert await registry.get(UUID) is None
     assert (await registry.put(record())).caller.e164 == "+593987654321"  # a capture after it is stored
+
+
+def capture(pres: str, number: str = "+593987654321", source: str = "ami", called: str | None = "5551000",
+            ) -> CallRecord:
+    """One source's capture of the call UUID: the caller as that source saw it."""
+    return CallRecord(uuid=UUID, caller=parse_caller(number, "Juan Perez", pres, source=source), called_number=called)
+
+
+async def test_withheld_caller_stays_withheld_when_captured_again_as_allowed(store: Store) -> None:
+    """A later capture that shows the number (the other half of a Local pair) does not undo a withheld one."""
+    registry = CallRegistry(store, 3600)
+    await registry.put(capture("prohib"))
+    returned = await registry.put(capture("allowed_not_screened", "+34612345678", source="agi"))
+    for found in (returned, await registry.get(UUID), await registry.get(UUID, fresh=True)):
+        assert found is not None and found.caller.presentation == "withheld"
+        assert found.caller.raw is None and found.caller.e164 is None and found.caller.name is None
+        assert found.caller.caller_number("e164") == "anonymous"
+    stored = await store.get(UUID)
+    assert stored is not None and b"34612345678" not in stored and b"593987654321" not in stored
+
+
+async def test_withheld_capture_after_an_allowed_one_wins(store: Store) -> None:
+    """A withheld capture after an allowed one withholds the number from then on (stickiness is not first-wins)."""
+    registry = CallRegistry(store, 3600)
+    await registry.put(capture("allowed_not_screened", source="agi"))
+    await registry.put(capture("prohib"))
+    found = await registry.get(UUID, fresh=True)
+    assert found is not None and found.caller.presentation == "withheld" and found.caller.source == "ami"
+    assert found.caller.raw is None and found.caller.caller_number("e164") == "anonymous"
+
+
+async def test_recapture_keeps_the_calls_lifecycle_and_called_number(store: Store) -> None:
+    """A recapture keeps start, end and turns; it keeps the called number unless it brings one of its own."""
+    registry = CallRegistry(store, 3600)
+    await registry.put(capture("allowed_not_screened"))
+    await registry.change(UUID, lambda current: dataclasses.replace(current, started_at=1000.0, ended_at=2000.0,
+                                                                    turns=3))
+    again = await registry.put(capture("allowed_not_screened", "+34612345678", source="agi", called=None))
+    found = await registry.get(UUID, fresh=True)
+    for seen in (again, found):
+        assert seen is not None and seen.caller.e164 == "+34612345678"
+        assert (seen.started_at, seen.ended_at, seen.turns) == (1000.0, 2000.0, 3)
+        assert seen.called_number == "5551000"
+    await registry.put(capture("allowed_not_screened", source="http", called="5552000"))
+    found = await registry.get(UUID, fresh=True)
+    assert found is not None and found.called_number == "5552000" and found.turns == 3
+
+
+async def test_capture_after_the_record_expired_or_was_forgotten_is_a_first_capture(store: Store) -> None:
+    """Once the withheld record expired or was forgotten, a new capture is taken as it is, lifecycle and all."""
+    await CallRegistry(store, 0).put(capture("prohib"))  # TTL 0: expired as soon as stored
+    registry = CallRegistry(store, 3600)
+    first = await registry.put(capture("allowed_not_screened", source="agi"))
+    assert first.caller.presentation == "allowed" and first.caller.e164 == "+593987654321"
+    await registry.put(capture("prohib"))
+    await registry.change(UUID, lambda current: dataclasses.replace(current, started_at=1000.0, turns=2))
+    assert await registry.forget(UUID)
+    again = await registry.put(capture("allowed_not_screened", source="agi", called=None))
+    found = await registry.get(UUID, fresh=True)
+    for seen in (again, found):
+        assert seen is not None and seen.caller.presentation == "allowed"
+        assert seen.caller.e164 == "+593987654321"
+        assert (seen.started_at, seen.turns, seen.called_number) == (None, 0, None)
+
+
+async def test_withheld_kept_is_logged_only_when_a_capture_was_overridden(store: Store, logs) -> None:  # type: ignore[no-untyped-def]
+    """`withheld_kept` names the source whose capture lost; a capture that stands as given logs no such line."""
+    registry = CallRegistry(store, 3600)
+    await registry.put(capture("allowed_not_screened", source="http"))
+    await registry.put(capture("prohib", source="ami"))  # withheld wins: nothing overridden
+    assert not [line for line in logs() if '"withheld_kept"' in line]
+    await registry.put(capture("allowed_not_screened", source="agi"))
+    kept = [json.loads(line) for line in logs() if '"withheld_kept"' in line]
+    assert len(kept) == 1
+    assert kept[0]["source"] == "agi" and kept[0]["kept"] == "ami" and kept[0]["uuid"] == UUID
+
+
+class ForgottenMeanwhile(MemoryStore):
+    """A memory store where another process forgets the call right after a put is refused for it."""
+
+    async def put(self, key: str, value: bytes, expires_at: float, tag: str | None = None, replace: bool = True,
+                  born: float | None = None) -> bool:
+        stored = await super().put(key, value, expires_at, tag, replace, born)
+        if not stored and not replace:
+            await self.delete(key)
+        return stored
+
+
+async def test_capture_whose_record_was_forgotten_meanwhile_is_a_first_capture() -> None:
+    """The record gone between the put's refusal and its recapture: the capture is stored as given."""
+    registry = CallRegistry(ForgottenMeanwhile(), 3600)
+    await registry.put(capture("prohib"))
+    again = await registry.put(capture("allowed_not_screened", source="agi"))
+    found = await registry.get(UUID)
+    for seen in (again, found):
+        assert seen is not None and seen.caller.presentation == "allowed" and seen.caller.e164 == "+593987654321"

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from avr_llm_proxy.identity import clean_name, parse_caller, parse_presentation
+from avr_llm_proxy.identity import clean_name, dialled_number, parse_caller, parse_presentation
 
 from .conftest import FIXTURES
 
@@ -168,3 +168,18 @@ def test_caller_number_is_always_one_of_the_documented_values(text: str, fmt: st
         assert caller.raw is None and caller.e164 is None
     if caller.presentation == "withheld":
         assert caller.name is None
+
+
+@pytest.mark.parametrize(
+    ("candidates", "expected"),
+    [(("5551000",), "5551000"), (("+593987654321",), "+593987654321"), (("*97",), "*97"), (("#31#100",), "#31#100"),
+     ((5551000,), "5551000"), ((" 555-1000 ",), "5551000"), (("tel:+5551000",), "+5551000"),
+     (("5551000;rm -rf /",), "5551000"), (("٥٥٥١٠٠٠",), "5551000"),
+     (("s", "5551000"), "5551000"), (("unknown", "", None, "s", "5552000"), "5552000"),
+     (("5551000", "5552000"), "5551000"), (("alice", "arg2", "5551000"), "5551000"),
+     (("s",), None), (("unknown",), None), (("",), None), ((None,), None), ((), None), (("*",), None),
+     (("#",), None), (("++5551000",), None), (("555a1000",), None), (("<unknown>",), None)],
+)
+def test_dialled_number(candidates: tuple[object, ...], expected: str | None) -> None:
+    """The first candidate made of digits (with `+`, `*`, `#`), sanitised; words Asterisk puts there are skipped."""
+    assert dialled_number(*candidates) == expected

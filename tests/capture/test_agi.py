@@ -13,7 +13,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from avr_llm_proxy.capture.agi import AgiEnvironment, AgiHangup, AgiParser, AgiProtocolError, AgiReply
+from avr_llm_proxy.capture.agi import (
+    AgiEnvironment,
+    AgiHangup,
+    AgiParser,
+    AgiProtocolError,
+    AgiReply,
+    record_from_environment,
+)
 from avr_llm_proxy.simulate import play_call
 
 from ..conftest import FIXTURES, closed_port, make_settings, running_api, running_proxy
@@ -84,6 +91,39 @@ def test_garbage_never_crashes(data: bytes) -> None:
         pass
 
 
+def edited(data: bytes, **values: str) -> bytes:
+    """A captured environment with some agi_* values replaced (keys without the `agi_` prefix)."""
+    for key, value in values.items():
+        data, count = re.subn(rb"(?m)^agi_%s: .*$" % key.encode(), f"agi_{key}: {value}".encode(), data)
+        assert count == 1
+    return data
+
+
+# (fixture, its values replaced, the called number recorded)
+DIALLED = [
+    ("pjsip", {}, "5551000"),
+    ("pjsip", {"arg_2": "5559999", "extension": "5558888"}, "5551000"),
+    ("pjsip", {"dnid": "alice", "arg_2": "5552000"}, "5552000"),
+    ("pjsip", {"dnid": "alice", "extension": "s"}, None),
+    ("local", {}, None),
+    ("local", {"arg_2": "5551000"}, "5551000"),
+    ("local", {"arg_2": "5551000", "extension": "s"}, "5551000"),
+    ("local", {"arg_2": "+593 2 555-1000"}, "+59325551000"),
+    ("local", {"arg_2": "", "extension": "5553000"}, "5553000"),
+    ("local", {"arg_2": "unknown", "extension": "s"}, None),
+]
+
+
+@pytest.mark.parametrize(("fixture", "values", "called"), DIALLED)
+def test_called_number_from_dnid_else_argument_else_extension(fixture: str, values: dict[str, str],
+                                                              called: str | None) -> None:
+    """agi_dnid, else agi_arg_2 (the subroutine's calling extension), else agi_extension: the first of digits."""
+    env = environment(edited(LOCAL if fixture == "local" else PJSIP, **values))
+    record = record_from_environment(env, FIXTURE_UUID, "allowed_not_screened", "EC")
+    assert record.called_number == called
+    assert record.caller.e164 == "+593987654321" and record.uuid == FIXTURE_UUID
+
+
 async def agi_session(port: int, env: bytes, num_pres: str = "allowed_not_screened") -> list[str]:
     """A fake Asterisk: send the environment, answer each command the way Asterisk 22 does."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -128,6 +168,20 @@ async def test_session_records_caller_and_sets_uuid(tmp_path: Path, fixture: str
         assert payload["caller_number"] == "+593987654321" and payload["caller_name"] == "Juan Perez"
         assert payload["caller"]["source"] == "agi" and payload["caller"]["presentation"] == "allowed"
         assert payload["called_number"] == ("5551000" if fixture == "pjsip" else None)
+
+
+async def test_session_inside_a_gosub_takes_the_dialled_number_from_the_argument(tmp_path: Path) -> None:
+    """A Local channel in the shipped Gosub (no DNID, agi_extension `s`): the number comes from agi_arg_2."""
+    port = closed_port()
+    async with running_api() as api:
+        settings = make_settings(tmp_path, api_url=api.url, agi_listen=f"127.0.0.1:{port}", caller_wait_ms=0)
+        async with running_proxy(settings) as proxy:
+            env = edited(with_script(LOCAL, arg=""), extension="s", context="avr-callerid-agi", arg_2="5551000")
+            commands = await agi_session(port, env)
+            call = commands[-1].split('"')[1]
+            await play_call(proxy.url, call, ["hola"])
+    assert api.received[0]["called_number"] == "5551000"
+    assert api.received[0]["caller_number"] == "+593987654321"
 
 
 async def test_given_uuid_is_kept(tmp_path: Path) -> None:

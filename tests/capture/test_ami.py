@@ -15,7 +15,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from avr_llm_proxy.capture.ami import AmiMessage, AmiParser, AmiProtocolError, CallTracker, parse_ami_url
+from avr_llm_proxy.capture.ami import (
+    AmiCapture,
+    AmiMessage,
+    AmiParser,
+    AmiProtocolError,
+    CallTracker,
+    parse_ami_url,
+    record_from_capture,
+)
 from avr_llm_proxy.simulate import http_request, play_call
 
 from ..conftest import FIXTURES, clean_environ, closed_port, make_settings, running_api, running_proxy
@@ -25,6 +33,10 @@ EVENTS_LF = (FIXTURES / "ami-local-call.txt").read_bytes()
 EVENTS = EVENTS_LF.replace(b"\n", b"\r\n")
 DIAL_UUID = "9a05bdfe-fb2c-492e-a462-b7e152a95121"
 APP_UUID = "ab4df463-b871-4281-9969-d26cf223634a"
+# Banner and login answer included, CRLF: the ;2 half of a Local pair withholds its number, then dials AudioSocket.
+WITHHELD = (FIXTURES / "ami-local-withheld.txt").read_bytes()
+WITHHELD_UUID = "ab56120b-ee05-4e59-9646-4671c97fbaf5"
+WITHHELD_LEG = "Local/5551000@ami-dial-usage-before-00000000;2"
 
 
 def messages(data: bytes) -> list[AmiMessage]:
@@ -111,6 +123,103 @@ def test_tracker_memory_is_bounded() -> None:
     assert len(tracker) == 100
 
 
+def tracked(chunks: list[bytes], tracker: CallTracker | None = None) -> list[AmiCapture]:
+    """The captures a tracker makes of a stream that arrives in these chunks."""
+    parser, tracker = AmiParser(), CallTracker() if tracker is None else tracker  # an empty tracker is falsy
+    return [capture for chunk in chunks for message in parser.feed(chunk) for capture in tracker.feed(message)]
+
+
+def block(data: bytes, marker: bytes) -> bytes:
+    """The one whole event of a CRLF stream that holds `marker`, with its blank line."""
+    assert data.count(marker) == 1
+    at = data.index(marker)
+    return data[data.rindex(b"\r\n\r\n", 0, at) + 4:data.index(b"\r\n\r\n", at) + 4]
+
+
+def test_withheld_local_call_is_captured_once_from_the_half_that_dials() -> None:
+    """Real Asterisk 22: one capture, from the ;2 half that ran the AudioSocket step; Getvar prohib withholds it."""
+    captures = tracked([WITHHELD])
+    assert [(c.uuid, c.channel, c.number, c.name, c.called) for c in captures] == [
+        (WITHHELD_UUID, WITHHELD_LEG, "+593987654321", "Juan Perez", "5551000")]
+    caller = record_from_capture(captures[0], "prohib_not_screened", "EC").caller
+    assert caller.presentation == "withheld" and caller.raw is None and caller.e164 is None
+    assert caller.caller_number("e164") == "anonymous"
+    assert record_from_capture(captures[0], "prohib", "EC").called_number == "5551000"
+
+
+def test_withheld_local_call_byte_by_byte() -> None:
+    """Fed one byte at a time, the withheld call gives the same one capture, for the ;2 half."""
+    captures = tracked([WITHHELD[index:index + 1] for index in range(len(WITHHELD))])
+    assert captures == tracked([WITHHELD]) and [(c.uuid, c.channel) for c in captures] == [
+        (WITHHELD_UUID, WITHHELD_LEG)]
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(WITHHELD)), max_size=12))
+def test_withheld_local_call_split_anywhere(offsets: list[int]) -> None:
+    """Split at any offsets, the withheld call gives one capture, for the ;2 half, never the ;1 half."""
+    cuts = [0, *sorted(offsets), len(WITHHELD)]
+    captures = tracked([WITHHELD[start:end] for start, end in zip(cuts, cuts[1:], strict=False)])
+    assert [(c.uuid, c.channel) for c in captures] == [(WITHHELD_UUID, WITHHELD_LEG)]
+
+
+def test_varset_of_the_uuid_only_binds() -> None:
+    """The UUID's VarSet only binds: the capture waits for the AudioSocket step and has the caller as it is then."""
+    step = block(WITHHELD, b"AppData: AudioSocket/127.0.0.1:25099/")
+    before_step, rest = WITHHELD[:WITHHELD.index(step)], WITHHELD[WITHHELD.index(step):]
+    assert b"Variable: UUID\r\nValue: " + WITHHELD_UUID.encode() in before_step
+    assert tracked([before_step]) == []
+    # Set(CALLERID(num)=…) after the Gosub: a NewCallerid, and every later event shows the new number.
+    later = step.replace(b"Event: Newexten", b"Event: NewCallerid") + rest
+    captures = tracked([before_step, later.replace(b"CallerIDNum: +593987654321", b"CallerIDNum: +34612345678")])
+    assert [(c.uuid, c.channel, c.number) for c in captures] == [(WITHHELD_UUID, WITHHELD_LEG, "+34612345678")]
+
+
+def test_audiosocket_leg_takes_the_caller_from_the_channel_that_owns_the_uuid() -> None:
+    """Newexten filtered out: the AudioSocket channel is the step; the caller is the ;2 half that set the UUID."""
+    tracker = CallTracker()
+    captures = [capture for message in AmiParser().feed(WITHHELD) if message.value("event") != "Newexten"
+                for capture in tracker.feed(message)]
+    assert [(c.uuid, c.channel, c.number, c.called) for c in captures] == [
+        (WITHHELD_UUID, WITHHELD_LEG, "+593987654321", "5551000")]
+
+
+def test_nothing_after_the_step_captures_the_call_again() -> None:
+    """A caller-ID change after the step, the step's events again, even after the Hangups: no second capture."""
+    tracker = CallTracker()
+    step = block(WITHHELD, b"AppData: AudioSocket/127.0.0.1:25099/")
+    dial = block(WITHHELD, b"Event: DialBegin\r\nPrivilege: call,all\r\nChannel: " + WITHHELD_LEG.encode())
+    socket_leg = block(WITHHELD, b"Event: Newchannel\r\nPrivilege: call,all\r\nChannel: AudioSocket/")
+    changed = step.replace(b"Event: Newexten", b"Event: NewCallerid").replace(
+        b"CallerIDNum: +593987654321", b"CallerIDNum: +34612345678")
+    hangups = WITHHELD.index(b"Event: Hangup\r\nPrivilege: call,all\r\nChannel: " + WITHHELD_LEG.encode())
+    before_hangups, after_hangups = WITHHELD[:hangups], WITHHELD[hangups:]
+    assert len(tracked([before_hangups], tracker)) == 1
+    parser = AmiParser()
+    parser.feed(b"Asterisk Call Manager/11.0.0\r\n")
+    again = [capture for chunk in (changed, step, dial, socket_leg, after_hangups, step, dial, socket_leg)
+             for message in parser.feed(chunk) for capture in tracker.feed(message)]
+    assert again == []
+
+
+@pytest.mark.parametrize(("escaped", "name"), [(rb"O\'Neil", "O'Neil"), (rb"Ana \"La\" Paez", 'Ana "La" Paez'),
+                                               (rb"C:\\temp", "C:\\temp")])
+def test_c_escaped_names_are_unescaped(escaped: bytes, name: str) -> None:
+    """AMI escapes a caller name C-style in channel events; the capture has the name the channel holds."""
+    stream = WITHHELD.replace(b"CallerIDName: Juan Perez", b"CallerIDName: " + escaped)
+    captures = tracked([stream])
+    assert [c.name for c in captures] == [name]
+    assert record_from_capture(captures[0], "allowed_not_screened", "EC").caller.name == name
+
+
+def test_presentation_that_could_not_be_asked_is_withheld() -> None:
+    """No Getvar answer (None): the number is kept back, not forwarded on an allowed event's word."""
+    capture = tracked([WITHHELD])[0]
+    assert capture.presentation.startswith("0 ")  # the events say allowed: only the Getvar could tell
+    caller = record_from_capture(capture, None, "EC").caller
+    assert caller.presentation == "withheld" and caller.raw is None and caller.caller_number("e164") == "anonymous"
+    assert record_from_capture(capture, "allowed_not_screened", "EC").caller.e164 == "+593987654321"
+
+
 def test_ami_url() -> None:
     """The URL gives host, port (5038 by default) and URL-decoded credentials."""
     endpoint = parse_ami_url("ami://avr:p%40ss@pbx")
@@ -125,6 +234,7 @@ class FakeManager:
 
     scripts: list[bytes]
     num_pres: str = "allowed_not_screened"
+    getvar_error: bool = False  # answer Getvar as Asterisk does for a channel that is gone
     accept_login: bool = True
     logins: int = 0
     getvars: list[str] = field(default_factory=list)
@@ -151,6 +261,10 @@ class FakeManager:
                             return
                     elif action.get("action") == "Getvar":
                         self.getvars.append(action["channel"])
+                        if self.getvar_error:
+                            writer.write(f"Response: Error\r\nActionID: {action['actionid']}\r\n"
+                                         "Message: No such channel\r\n\r\n".encode())
+                            continue
                         writer.write(f"Response: Success\r\nActionID: {action['actionid']}\r\n"
                                      f"Variable: CALLERID(num-pres)\r\nValue: {self.num_pres}\r\n\r\n".encode())
         except ConnectionError:
@@ -210,6 +324,33 @@ async def test_presentation_only_change_is_honoured(tmp_path: Path) -> None:
         async with running_proxy(settings) as proxy:
             assert await caller_of(proxy.url, DIAL_UUID) == "Hola anonymous."
     assert api.received[0]["caller"]["raw"] is None
+
+
+async def test_getvar_error_withholds_the_number(tmp_path: Path) -> None:
+    """The manager answers the presentation Getvar with an error: the call is withheld, not forwarded as allowed."""
+    async with fake_manager(FakeManager([EVENTS], getvar_error=True)) as manager, running_api() as api:
+        settings = make_settings(tmp_path, api_url=api.url, ami_url=f"ami://avr:secret@127.0.0.1:{manager.port}",
+                                 caller_wait_ms=3000)
+        async with running_proxy(settings) as proxy:
+            assert await caller_of(proxy.url, DIAL_UUID) == "Hola anonymous."
+    assert "Local/s@avr-00000000;2" in manager.getvars
+    assert api.received[0]["caller_number"] == "anonymous" and api.received[0]["caller"]["raw"] is None
+    assert "593987654321" not in orjson.dumps(api.received[0]).decode()
+
+
+async def test_reconnect_starts_with_an_empty_tracker(tmp_path: Path) -> None:
+    """After a reconnect a channel name seen before (Asterisk restarted) does not bring back its old caller."""
+    leg, call = "Local/s@avr-00000000;2", str(uuidlib.uuid4())
+    before = channel_event("Newchannel", leg, "+593987654321", "1795.1") + b"CUT"
+    after = (channel_event("Newchannel", leg, "<unknown>", "1.1", ConnectedLineNum="<unknown>")
+             + channel_event("Newexten", leg, "<unknown>", "1.1", ConnectedLineNum="<unknown>", Application="Dial",
+                             AppData=f"AudioSocket/127.0.0.1:5001/{call},120"))
+    async with fake_manager(FakeManager([before, after])) as manager, running_api() as api:
+        settings = make_settings(tmp_path, api_url=api.url, ami_url=f"ami://avr:secret@127.0.0.1:{manager.port}",
+                                 caller_wait_ms=5000)
+        async with running_proxy(settings) as proxy:
+            assert await caller_of(proxy.url, call) == "Hola unknown."
+    assert manager.logins == 2 and manager.getvars == [leg]
 
 
 async def test_reconnect_mid_call_fails_closed_then_resumes(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from avr_llm_proxy.capture.files import LegacyCallerFiles
 
 UUID = "858675a8-e2f7-4c71-ad18-2c76b7927da2"
@@ -73,3 +75,44 @@ async def test_empty_file_is_not_a_caller_yet(tmp_path: Path) -> None:
     path.write_text("0987654321\n")
     record = await files.find(UUID)
     assert record is not None and record.caller.e164 == "+593987654321"
+
+
+# (file contents, presentation, caller_number, name, called_number)
+CONTENTS = [
+    (b"0987654321\npres=allowed_not_screened\nname=Juan%20P%C3%A9rez\ndnid=5551000\n",
+     "allowed", "+593987654321", "Juan Pérez", "5551000"),
+    (b"0987654321\npres=prohib\nname=Juan%20Perez\ndnid=5551000\n", "withheld", "anonymous", None, "5551000"),
+    (b"anonymous\npres=prohib_not_screened\nname=\ndnid=5551000\n", "withheld", "anonymous", None, "5551000"),
+    (b"0987654321\ncolour=prohib\nxpres=prohib\nuuid=0\nno equals sign\nname=Ana\ndnid=%2A97\n",
+     "allowed", "+593987654321", "Ana", "*97"),
+    (b"0987654321\r\npres=allowed\r\nname=Ana\r\ndnid=s\r\n", "allowed", "+593987654321", "Ana", None),
+    (b"0987654321\n", "allowed", "+593987654321", None, None),
+    (b"0987654321", "allowed", "+593987654321", None, None),
+]
+
+
+@pytest.mark.parametrize(("data", "presentation", "number", "name", "called"), CONTENTS)
+async def test_lines_after_the_number(tmp_path: Path, data: bytes, presentation: str, number: str,
+                                      name: str | None, called: str | None) -> None:
+    """pres=, name= and dnid= (URL-encoded) are read, other lines ignored; a number-only file (the seed's) works."""
+    (tmp_path / f"callerid-{UUID}.txt").write_bytes(data)
+    record = await LegacyCallerFiles(str(tmp_path), 3600, "EC").find(UUID)
+    assert record is not None and record.caller.source == "file"
+    assert record.caller.presentation == presentation and record.caller.caller_number("e164") == number
+    assert record.caller.name == name and record.called_number == called
+    if presentation == "withheld":
+        assert record.caller.raw is None and record.caller.e164 is None
+
+
+async def test_file_as_asterisk_writes_it_without_a_caller_id(tmp_path: Path) -> None:
+    """FILE(…,,,al,u) ends every append with \\n: no caller ID leaves an empty first line, read as "unknown"."""
+    path = tmp_path / f"callerid-{UUID}.txt"
+    path.write_bytes(b"")  # Set(FILE(${FILE})=)
+    for value in (b"", b"pres=allowed_not_screened", b"name=", b"dnid=5551000"):  # Set(FILE(${FILE},,,al,u)=…)
+        with path.open("ab") as appended:
+            appended.write(value + b"\n")
+    assert path.read_bytes() == b"\npres=allowed_not_screened\nname=\ndnid=5551000\n"
+    record = await LegacyCallerFiles(str(tmp_path), 3600, "EC").find(UUID)
+    assert record is not None and record.caller.presentation == "unavailable"
+    assert record.caller.caller_number("e164") == "unknown" and record.caller.raw is None
+    assert record.caller.name is None and record.called_number == "5551000"
