@@ -94,24 +94,28 @@ def channel_event(event: str, channel: str, number: str, linkedid: str, **extra:
 
 
 def test_audiosocket_leg_is_never_the_caller() -> None:
-    """On the AudioSocket channel CallerIDNum is the extension: the caller comes from the inbound leg."""
+    """On the AudioSocket channel CallerIDNum is the extension: the caller comes from the channel that dials it."""
     call = str(uuidlib.uuid4())
     stream = (
         channel_event("Newchannel", "PJSIP/tester-00000001", "+593987654321", "1795.1")
         + channel_event("Newchannel", f"AudioSocket/127.0.0.1:5001-{call}", "5551000", "1795.1")
+        + channel_event("DialBegin", "PJSIP/tester-00000001", "+593987654321", "1795.1",
+                        DestChannel=f"AudioSocket/127.0.0.1:5001-{call}")
     )
     tracker = CallTracker()
     captures = [c for m in messages(stream) for c in tracker.feed(m)]
-    assert [(c.uuid, c.number, c.called) for c in captures] == [(call, "+593987654321", "5551000")]
+    assert [(c.uuid, c.channel, c.number, c.called) for c in captures] == [
+        (call, "PJSIP/tester-00000001", "+593987654321", "5551000")]
 
 
-def test_audiosocket_leg_alone_uses_connected_line() -> None:
-    """Without the inbound leg's events, the AudioSocket leg's ConnectedLineNum is the caller."""
+def test_audiosocket_leg_alone_captures_nothing() -> None:
+    """The AudioSocket leg's events alone never make a capture: its connected line carries no presentation."""
     call = str(uuidlib.uuid4())
     tracker = CallTracker()
-    captures = [c for m in messages(channel_event("Newchannel", f"AudioSocket/127.0.0.1:5001-{call}", "s", "9.9"))
-                for c in tracker.feed(m)]
-    assert [(c.uuid, c.number, c.name) for c in captures] == [(call, "+593987654321", "Juan Perez")]
+    stream = (channel_event("Newchannel", f"AudioSocket/127.0.0.1:5001-{call}", "s", "9.9")
+              + channel_event("NewConnectedLine", f"AudioSocket/127.0.0.1:5001-{call}", "s", "9.9"))
+    assert [c for m in messages(stream) for c in tracker.feed(m)] == []
+    assert len(tracker) == 0
 
 
 def test_tracker_memory_is_bounded() -> None:
@@ -159,6 +163,15 @@ def test_withheld_local_call_split_anywhere(offsets: list[int]) -> None:
     """Split at any offsets, the withheld call gives one capture, for the ;2 half, never the ;1 half."""
     cuts = [0, *sorted(offsets), len(WITHHELD)]
     captures = tracked([WITHHELD[start:end] for start, end in zip(cuts, cuts[1:], strict=False)])
+    assert [(c.uuid, c.channel) for c in captures] == [(WITHHELD_UUID, WITHHELD_LEG)]
+
+
+def test_withheld_local_call_seen_with_call_events_only() -> None:
+    """A manager user without dialplan events still captures the ;2 half (at its DialBegin), never the ;1 half."""
+    _, *events = WITHHELD.split(b"\r\n", 1)[1].split(b"\r\n\r\n")
+    call_only = b"\r\n\r\n".join(event for event in events if b"Privilege: dialplan" not in event)
+    assert b"Event: Newexten" not in call_only and b"Event: DialBegin" in call_only
+    captures = tracked([WITHHELD.split(b"\r\n", 1)[0] + b"\r\n" + call_only])
     assert [(c.uuid, c.channel) for c in captures] == [(WITHHELD_UUID, WITHHELD_LEG)]
 
 

@@ -117,11 +117,8 @@ class _Channel:
     linkedid: str = ""
     number: str = ""
     caller_name: str = ""
-    connected_number: str = ""
-    connected_name: str = ""
     presentation: str = ""
     exten: str = ""
-    uuid: str = ""
 
 
 def _known(value: str) -> str:
@@ -136,19 +133,18 @@ def _unescape(value: str) -> str:
 class CallTracker:
     """Which caller belongs to which call UUID, from the events of every channel; memory is bounded.
 
-    A call is captured once, at its AudioSocket step (the `Dial(AudioSocket/…)` or `AudioSocket()`
-    application, or else the AudioSocket channel's first event): the caller ID and presentation are
-    then what avr-core's call will have, whatever the dialplan changed before. A `VarSet` of the UUID
-    only binds it to its channel; nothing after the step captures the call again.
+    A call is captured once, at its AudioSocket step, from the channel that runs it: the Newexten of
+    `Dial(AudioSocket/…)` or of the `AudioSocket()` application (dialplan events), or the DialBegin
+    to an AudioSocket channel (call events). Its caller ID and presentation are then what avr-core's
+    call will have, whatever the dialplan changed before; of a Local pair it is the half that ran
+    the dialplan. The AudioSocket leg's own events never capture (its caller ID is the dialled
+    extension, and its linkedid would lead to the other half of a Local pair), nor does anything
+    after the step: a call whose step cannot be seen stays uncaptured rather than guessed.
     """
 
     def __init__(self, max_channels: int = MAX_CHANNELS) -> None:
         self._channels: OrderedDict[str, _Channel] = OrderedDict()
-        self._inbound: dict[str, str] = {}  # linkedid -> the first channel of the call that is not AudioSocket
-        # uuid -> the channel that set it or ran the AudioSocket step with it: the caller's own leg. A
-        # Local pair shares its linkedid, and only this half sees what the dialplan changed (a withheld
-        # presentation set before the AudioSocket step is not on the other half).
-        self._owners: dict[str, str] = {}
+        self._inbound: dict[str, str] = {}  # linkedid -> the first channel of the call (its dialled number)
         self._captured: OrderedDict[str, None] = OrderedDict()
         self._max_channels = max_channels
 
@@ -159,24 +155,22 @@ class CallTracker:
         event = message.value("event").lower()
         name = message.value("channel")
         # Channel events carry Linkedid; others (OriginateResponse, …) only mention a channel.
-        if not event or not name or "linkedid" not in message:
+        if not event or not name or "linkedid" not in message or _AUDIOSOCKET_CHANNEL.match(name):
             return []
         if event == "hangup":
             self._forget(name)
             return []
         channel = self._update(name, message)
-        uuid, step = self._uuid_in(event, message, channel)
-        if uuid is None:
-            return []
-        if not _AUDIOSOCKET_CHANNEL.match(name):
-            channel.uuid = channel.uuid or uuid
-            self._owners.setdefault(uuid, name)
-        if not step or uuid in self._captured:
+        uuid = _audiosocket_step(event, message)
+        if uuid is None or uuid in self._captured:
             return []
         self._captured[uuid] = None
         if len(self._captured) > self._max_channels:
             self._captured.popitem(last=False)
-        return [self._capture(uuid, channel)]
+        inbound = self._channels.get(self._inbound.get(channel.linkedid, ""), channel)
+        called = dialled_number(channel.exten, inbound.exten) or ""
+        return [AmiCapture(uuid, channel.name, channel.number, channel.caller_name, channel.presentation, called,
+                           channel.uniqueid)]
 
     def _update(self, name: str, message: AmiMessage) -> _Channel:
         channel = self._channels.pop(name, None) or _Channel(name)
@@ -188,58 +182,34 @@ class CallTracker:
         if "calleridnum" in message:
             channel.number = _known(message.value("calleridnum")) or channel.number
             channel.caller_name = _unescape(_known(message.value("calleridname"))) or channel.caller_name
-            channel.connected_number = _known(message.value("connectedlinenum")) or channel.connected_number
-            channel.connected_name = _unescape(_known(message.value("connectedlinename"))) or channel.connected_name
         if "cid-callingpres" in message:
             channel.presentation = message.value("cid-callingpres")
         if not channel.exten and message.value("event").lower() == "newchannel":
             channel.exten = sanitize_raw(message.value("exten"))
-        if channel.linkedid and not _AUDIOSOCKET_CHANNEL.match(name):
+        if channel.linkedid:
             self._inbound.setdefault(channel.linkedid, name)
         return channel
-
-    @staticmethod
-    def _uuid_in(event: str, message: AmiMessage, channel: _Channel) -> tuple[str | None, bool]:
-        """The call UUID this event names, and whether it is the call's AudioSocket step."""
-        if event == "varset" and message.value("variable").upper() in ("UUID", "AUDIOSOCKET_UUID"):
-            return canonical_uuid(message.value("value")), False
-        if event == "newexten":
-            application, data = message.value("application").lower(), message.value("appdata")
-            if application == "dial" and data.lower().startswith("audiosocket/"):
-                # AudioSocket/<host:port>/<uuid>[/…][,timeout,…]: the segment after host:port (WIRE.md).
-                parts = data.split(",", 1)[0].split("/")
-                return (canonical_uuid(parts[2]) if len(parts) > 2 else None), True
-            if application == "audiosocket":
-                return canonical_uuid(data.split(",", 1)[0].strip()), True
-        if event == "dialbegin":
-            dest = _AUDIOSOCKET_CHANNEL.match(message.value("destchannel"))
-            if dest:
-                return canonical_uuid(dest.group(1)), True
-        socket_name = _AUDIOSOCKET_CHANNEL.match(channel.name)
-        return (canonical_uuid(socket_name.group(1)), True) if socket_name else (None, False)
-
-    def _capture(self, uuid: str, channel: _Channel) -> AmiCapture:
-        """The caller of the channel that runs the AudioSocket step; on the AudioSocket leg itself,
-        the channel that dialled it (by UUID, else the call's first channel), else its connected line."""
-        leg: _Channel | None = channel
-        if _AUDIOSOCKET_CHANNEL.match(channel.name):
-            leg = self._channels.get(self._owners.get(uuid, "")) or \
-                self._channels.get(self._inbound.get(channel.linkedid, ""))
-        if leg is None:
-            leg = channel
-            number, name = channel.connected_number, channel.connected_name
-        else:
-            number, name = leg.number, leg.caller_name
-        inbound = self._channels.get(self._inbound.get(channel.linkedid, ""), leg)
-        called = dialled_number(leg.exten, inbound.exten) or ""
-        return AmiCapture(uuid, leg.name, number, name, leg.presentation, called, leg.uniqueid)
 
     def _forget(self, name: str) -> None:
         channel = self._channels.pop(name, None)
         if channel is not None and self._inbound.get(channel.linkedid) == name:
             del self._inbound[channel.linkedid]
-        if channel is not None and self._owners.get(channel.uuid) == name:
-            del self._owners[channel.uuid]
+
+
+def _audiosocket_step(event: str, message: AmiMessage) -> str | None:
+    """The call UUID when this event is a channel's AudioSocket step (WIRE.md), else None."""
+    if event == "newexten":
+        application, data = message.value("application").lower(), message.value("appdata")
+        if application == "dial" and data.lower().startswith("audiosocket/"):
+            # AudioSocket/<host:port>/<uuid>[/…][,timeout,…]: the segment after host:port.
+            parts = data.split(",", 1)[0].split("/")
+            return canonical_uuid(parts[2]) if len(parts) > 2 else None
+        if application == "audiosocket":
+            return canonical_uuid(data.split(",", 1)[0].strip())
+    if event == "dialbegin":
+        dest = _AUDIOSOCKET_CHANNEL.match(message.value("destchannel"))
+        return canonical_uuid(dest.group(1)) if dest else None
+    return None
 
 
 def record_from_capture(capture: AmiCapture, num_pres: str | None, region: str) -> CallRecord:
