@@ -19,13 +19,14 @@ from tests.pbx.conftest import Pbx, Stack, stack
 from tests.pbx.dialplans import FREEPBX_VARIABLE, context
 from tests.pbx.verify import Expected, Placed, check, finish
 
-SHELL_NAME = "Ana $(reboot); `id` & O'Neil | >x"
+SHELL_NAME = 'Ana "La Jefa" $(reboot); `id` & O\'Neil | >x'
 CALLERS: dict[str, tuple[str | None, Expected]] = {  # Originate's CallerID, and what the API must see
     "e164": ('"Juan Perez" <+593987654321>', Expected("+593987654321", "allowed", "Juan Perez")),
     "national": ("<0991234567>", Expected("+593991234567", "allowed")),
     "anonymous": ('"Anonymous" <anonymous>', Expected("anonymous", "withheld")),
     "none": (None, Expected("unknown", "unavailable")),
-    "shell_name": (f'"{SHELL_NAME}" <+34612345678>', Expected("+34612345678", "allowed", SHELL_NAME)),
+    "shell_name": ('"{}" <+34612345678>'.format(SHELL_NAME.replace('"', '\\"')),
+                   Expected("+34612345678", "allowed", SHELL_NAME)),
 }
 WITHHELD = {
     "before": ('"Pedro Paez" <+593991117771>', Expected("anonymous", "withheld", hidden="+593991117771")),
