@@ -172,7 +172,14 @@ class CallRegistry:
 
     def start(self) -> None:
         """Wake waiting turns on captures made by other processes (where the store can tell)."""
-        self.store.listen(self._wake)
+        self.store.listen(self._heard)
+
+    def _heard(self, uuid: str) -> None:
+        """Another process wrote this record: the copy held here may be stale (an allowed caller since
+        withheld), so it is neither used nor written back before the store is read again."""
+        if not uuid.startswith(("-", TAG_ERASED)):
+            self._known.pop(uuid, None)
+        self._wake(uuid)
 
     def _remember(self, data: bytes, record: CallRecord, stamp: bytes | None = None, read_at: float = 0.0,
                   ) -> _Known:
@@ -211,20 +218,22 @@ class CallRegistry:
         the turns): sources report the same call in any order (the two halves of a Local channel, AMI
         after FastAGI), and a number withheld by one of them must not come back through another.
         """
-        stored = await self._save(record, replace=False)
-        if stored is not None:
-            CAPTURES.labels(source=record.caller.source).inc()
-            return stored.record
-        again = await self.change(record.uuid, lambda current: recaptured(current, record), ttl=self.ttl_seconds)
-        if again is None:  # gone meanwhile (expired, forgotten): a first capture after all
-            stored = await self._save(record)
-            if stored is None:  # refused only for a number erased after the capture
-                raise NumberErased("the caller's number was erased after this capture")
-            again = stored.record
-        elif again.caller != record.caller:
-            log.info("withheld_kept", uuid=record.uuid, source=record.caller.source, kept=again.caller.source)
-        CAPTURES.labels(source=record.caller.source).inc()
-        return again
+        for _ in range(MAX_CHANGE_ATTEMPTS):
+            stored = await self._save(record, replace=False)
+            if stored is not None:
+                CAPTURES.labels(source=record.caller.source).inc()
+                return stored.record
+            # The expiry stays: a live call's turns renew it, an ended call's short retention holds.
+            again = await self.change(record.uuid, lambda current: recaptured(current, record))
+            if again is not None:
+                if again.caller != record.caller:
+                    log.info("withheld_kept", uuid=record.uuid, source=record.caller.source,
+                             kept=again.caller.source)
+                CAPTURES.labels(source=record.caller.source).inc()
+                return again
+            # No record to capture again: it went meanwhile (then the next write is a first capture),
+            # or the store refused this one because its number was erased after the capture.
+        raise NumberErased("the caller's number was erased after this capture")
 
     async def add(self, record: CallRecord) -> CallRecord | None:
         """Record a caller unless the call already has a live record (then None)."""

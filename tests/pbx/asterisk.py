@@ -121,12 +121,27 @@ def configuration(folder: str, ports: Ports) -> dict[str, str]:
     }
 
 
-class Asterisk:
-    """One running Asterisk in the root; `cli` runs a console command, `log` reads its messages."""
+# Asterisk runs in a mount namespace of its own: /proc, /dev and this run's /etc/hosts are mounted
+# there only, so they vanish with the process (nothing stays mounted on the cached root, whatever
+# happens to the test run), and two runs sharing the root each resolve names their own way.
+_LAUNCH = ('mount -t proc proc "$1/proc" && mount --bind /dev "$1/dev" && mount --bind "$2" "$1/etc/hosts" '
+           '&& exec chroot "$1" asterisk -f -n -C "$3"')
+STALE_S = 24 * 3600
 
-    def __init__(self, root: Path, ports: Ports, files: dict[str, str], includes: dict[str, str]) -> None:
+
+class Asterisk:
+    """One running Asterisk in the root; `cli` runs a console command, `log` reads its messages.
+
+    `hosts`: this run's /etc/hosts lines (the names its dialplans reach).
+    """
+
+    def __init__(self, root: Path, ports: Ports, files: dict[str, str], includes: dict[str, str],
+                 hosts: str = "") -> None:
         self.root = root
         self.ports = ports
+        for old in (root / "tmp").glob("avr-pbx-*"):  # what killed runs left
+            if time.time() - old.stat().st_mtime > STALE_S:
+                shutil.rmtree(old, ignore_errors=True)
         self.folder = tempfile.mkdtemp(prefix="avr-pbx-", dir=root / "tmp")
         self.inside = "/" + str(Path(self.folder).relative_to(root))
         for sub in ("etc", "lib", "spool", "run", "log"):
@@ -137,8 +152,9 @@ class Asterisk:
             path = Path(self.folder, "etc", name)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
+        self.hosts = Path(self.folder, "hosts")
+        self.hosts.write_text(f"127.0.0.1 localhost\n{hosts}")
         self.process: subprocess.Popen[bytes] | None = None
-        self._mounts: list[Path] = []
 
     @property
     def conf(self) -> str:
@@ -149,26 +165,33 @@ class Asterisk:
         return self.root / inside.lstrip("/")
 
     def start(self, within: float = 30.0) -> None:
+        unshare = which("unshare")
+        if unshare is None:
+            raise PbxUnavailable("unshare (util-linux) is missing")
         (self.root / "run/asterisk").mkdir(parents=True, exist_ok=True)
-        for target, command in ((self.root / "proc", ["mount", "-t", "proc", "proc"]),
-                                (self.root / "dev", ["mount", "--bind", "/dev"])):
-            result = subprocess.run([*command, str(target)], capture_output=True, text=True)
-            if result.returncode != 0:
-                raise PbxUnavailable(f"cannot mount {target.name} in the Asterisk root: {result.stderr.strip()}")
-            self._mounts.append(target)
-        self.process = subprocess.Popen(
-            ["chroot", str(self.root), "asterisk", "-f", "-n", "-C", self.conf],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        (self.root / "etc/hosts").touch()  # a mount point for this run's hosts file
+        launch_log = Path(self.folder, "launch.log")
+        with open(launch_log, "wb") as output:
+            self.process = subprocess.Popen(
+                [unshare, "--mount", "--propagation", "private", "sh", "-c", _LAUNCH, "sh", str(self.root),
+                 str(self.hosts), self.conf],
+                stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+            )
         deadline = time.monotonic() + within
         while "fully booted" not in self.cli("core waitfullybooted", check=False).lower():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise PbxUnavailable(f"Asterisk did not start: {self.log()[-800:]}")
+                launched = launch_log.read_text(errors="replace").strip()[-300:]
+                raise PbxUnavailable(f"Asterisk did not start: {launched} {self.log()[-800:]}")
             time.sleep(0.1)
 
     def cli(self, command: str, check: bool = True) -> str:
-        result = subprocess.run(["chroot", str(self.root), "asterisk", "-C", self.conf, "-rx", command],
-                                capture_output=True, text=True, timeout=30)
+        try:
+            result = subprocess.run(["chroot", str(self.root), "asterisk", "-C", self.conf, "-rx", command],
+                                    capture_output=True, text=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            if check:
+                raise
+            return ""
         if check and result.returncode != 0:
             raise RuntimeError(f"asterisk -rx {command!r} failed: {result.stderr.strip()}")
         return result.stdout
@@ -185,7 +208,4 @@ class Asterisk:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
-        for target in reversed(self._mounts):
-            subprocess.run(["umount", "-l", str(target)], capture_output=True)
-        self._mounts.clear()
         shutil.rmtree(self.folder, ignore_errors=True)

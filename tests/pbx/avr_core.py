@@ -34,7 +34,7 @@ class AudioSocketCall:
 class AvrCore:
     """The AudioSocket server; `calls` fills in as Asterisk connects, `done` counts finished calls."""
 
-    def __init__(self, proxy_url: str, port: int, speech_frames: int = 10) -> None:
+    def __init__(self, proxy_url: str, port: int, speech_frames: int = 25) -> None:
         self.proxy_url = proxy_url
         self.port = port
         self.speech_frames = speech_frames

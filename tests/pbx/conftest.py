@@ -75,39 +75,35 @@ class Pbx:
         return self.asterisk.path("/tmp")
 
 
-def _hosts(root: Path, address: str) -> None:
-    hosts = root / "etc/hosts"
-    lines = hosts.read_text().splitlines() if hosts.exists() else ["127.0.0.1 localhost"]
-    kept = [line for line in lines if not line.rstrip().endswith(f" {PROXY_NAME}")]
-    hosts.write_text("\n".join([*kept, f"{address} {PROXY_NAME}"]) + "\n")
-
-
 @pytest.fixture(scope="session")
 def pbx(request: pytest.FixtureRequest) -> Iterator[Pbx]:
     """One real Asterisk 22 for the whole run, with the shipped dialplans included as the README says."""
+    asterisk: Asterisk | None = None
     try:
         root, made_in = ensure_root()
         if made_in is not None:
             report(request.config, "pbx", f"Asterisk root made with debootstrap in {made_in:.0f} s: {root}")
         address = _proxy_address()
-        _hosts(root, address)
         ports = Ports(ami=_free_port(), sip=_free_port(kind=socket.SOCK_DGRAM))
         audiosocket_port = _free_port()
         includes = {f"avr-llm-proxy/{path.name}": path.read_text() for path in DIALPLAN.glob("*.conf")}
         files = {"extensions.conf": extensions(audiosocket_port), "pjsip.conf": pjsip(ports.sip)}
-        asterisk = Asterisk(root, ports, files, includes)
-        try:
-            asterisk.start()
-        except PbxUnavailable:
-            asterisk.stop()
-            raise
+        asterisk = Asterisk(root, ports, files, includes, hosts=f"{address} {PROXY_NAME}\n")
+        asterisk.start()
+        version = asterisk.cli("core show version").split()[1]
     except PbxUnavailable as exc:
+        if asterisk is not None:
+            asterisk.stop()
         if os.environ.get(REQUIRED):
             pytest.fail(f"no real Asterisk here, and {REQUIRED} is set: {exc}")
         pytest.skip(f"no real Asterisk here: {exc}")
-    report(request.config, "pbx", f"Asterisk {asterisk.cli('core show version').split()[1]} running, "
-                                  f"AMI 127.0.0.1:{ports.ami}, SIP 127.0.0.1:{ports.sip}")
+    except BaseException:
+        if asterisk is not None:
+            asterisk.stop()
+        raise
     try:
+        report(request.config, "pbx", f"Asterisk {version} running, AMI 127.0.0.1:{ports.ami}, "
+                                      f"SIP 127.0.0.1:{ports.sip}")
         yield Pbx(asterisk, address, audiosocket_port)
     finally:
         asterisk.stop()

@@ -36,7 +36,9 @@ def _steps(way: str, form: str, argument: str, presentation: str, audiosocket: s
         # AMI only, FreePBX's form: the UUID line alone, with ${UUID()} where the guide had SHELL(uuidgen).
         steps.append(f"Set({FREEPBX_VARIABLE}=${{UUID()}})")
     elif form == "app":
-        steps.append(f"Gosub(avr-callerid-{way},s,1({value},{FREEPBX_VARIABLE}))")
+        # Without the first argument, written as an operator might: a space after the comma.
+        steps.append(f"Gosub(avr-callerid-{way},s,1({value},{FREEPBX_VARIABLE}))" if value
+                     else f"Gosub(avr-callerid-{way},s,1(, {FREEPBX_VARIABLE}))")
     else:
         steps.append(f"Gosub(avr-callerid-{way},s,1({value}))" if value else f"Gosub(avr-callerid-{way},s,1)")
     if presentation == "after":

@@ -68,13 +68,13 @@ async def run_way(pbx: Pbx, tmp_path: Path, way: str, form: str) -> None:
     start = len(LOG_LINES)
     async with stack(pbx, tmp_path, ami=way == "ami") as running:
         placed, uuids = await place(running, plan(way, form, alone, BATCH), 5551000)
-        check(running, placed, uuids, tmp_path / "calls.db", LOG_LINES[start:])
+        await check(running, placed, uuids, LOG_LINES[start:])
     if way != "ami":
         # Withheld after the subroutine: only AMI, beside the way, can still see it before avr-core speaks.
         later = [Call(context(way, form, "usage", "after"), *WITHHELD["after"])] * 2
         async with stack(pbx, tmp_path / "with-ami", ami=True) as running:
             placed, uuids = await place(running, later, 5552000)
-            check(running, placed, uuids, tmp_path / "with-ami" / "calls.db", [], captured_before=True)
+            await check(running, placed, uuids, [], captured_before=True)
 
 
 @pytest.mark.parametrize("form", ["dial", "app"])

@@ -9,7 +9,9 @@ shipped capture way, all calls at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import random
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,16 +56,21 @@ CASES = (
 )
 
 
-def _free_udp_ports(count: int) -> list[int]:
-    """`count` UDP port pairs' first ports (sipp's RTP uses the port and the next one)."""
-    ports: list[int] = []
-    while len(ports) < count:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port % 2 == 0 and port + 1 < 65536 and all(abs(port - taken) > 2 for taken in ports):
-            ports.append(port)
-    return ports
+def _udp_blocks(count: int) -> list[int]:
+    """`count` blocks of 5 free UDP ports, below the kernel's ephemeral range: sipp takes base to base+3 for
+    RTP (audio, RTCP, video, video RTCP) and base+4 for SIP. Random, so two test runs seldom meet."""
+    blocks: list[int] = []
+    for base in random.sample(range(20000, 30000, 8), 400):
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(base, base + 5):
+                    held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        blocks.append(base)
+        if len(blocks) == count:
+            return blocks
+    raise RuntimeError("no free UDP ports for sipp")
 
 
 async def test_sip_callers_through_every_way(pbx: Pbx, tmp_path: Path) -> None:
@@ -77,14 +84,14 @@ async def test_sip_callers_through_every_way(pbx: Pbx, tmp_path: Path) -> None:
         folder.mkdir()
         calls = [(f"7{WAYS.index(way) + 1}{n:02d}", way, case) for way in ways for n, case in enumerate(CASES)]
         placed = [Placed(exten, f"{way}: {case.label}", case.expected) for exten, way, case in calls]
-        ports = _free_udp_ports(2 * len(calls))
+        blocks = _udp_blocks(len(calls))
         start = len(LOG_LINES)
         async with stack(pbx, folder, ami="ami" in ways) as running:
             outcomes = await asyncio.gather(*(
-                place(program, folder, pbx.asterisk.ports.sip, exten, case.headers, ports[2 * i], ports[2 * i + 1])
+                place(program, folder, pbx.asterisk.ports.sip, exten, case.headers, blocks[i] + 4, blocks[i])
                 for i, (exten, _, case) in enumerate(calls)))
             uuids = await finish(running, placed, ("UUID",))
             failed = [f"{exten}: sipp exit {code}\n{detail}"
                       for (exten, _, _), (code, detail) in zip(calls, outcomes, strict=True) if code != 0]
             assert not failed, "\n".join(failed)
-            check(running, placed, uuids, folder / "calls.db", LOG_LINES[start:])
+            await check(running, placed, uuids, LOG_LINES[start:])

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from avr_llm_proxy.app import keys_for
+from avr_llm_proxy.calls import CallRegistry
 from avr_llm_proxy.privacy import mask_number
+from avr_llm_proxy.stores import open_store
 from tests.pbx.avr_core import UTTERANCES
 from tests.pbx.conftest import Stack
 
@@ -40,8 +42,19 @@ async def finish(stack_: Stack, calls: list[Placed], variables: tuple[str, ...])
             if value and channel in stack_.ami.extens}
 
 
-def check(stack_: Stack, calls: list[Placed], uuids: dict[str, str], store: Path, logs: list[str],
-          captured_before: bool = False) -> None:
+async def stored_records(stack_: Stack) -> list[bytes]:
+    """Every call record in the proxy's store, opened with its key, as the record's own JSON."""
+    settings = stack_.proxy.settings
+    registry = CallRegistry(open_store(settings.store_url), settings.caller_ttl_seconds,
+                            sealer=keys_for(settings).sealer)
+    try:
+        return [record.to_bytes() for record in await registry.newest(1000)]
+    finally:
+        await registry.store.close()
+
+
+async def check(stack_: Stack, calls: list[Placed], uuids: dict[str, str], logs: list[str],
+                captured_before: bool = False) -> None:
     """Every call's three turns carried its own caller; no withheld number went anywhere.
 
     captured_before: the number was withheld after a capture had recorded it (as it was then): it must
@@ -68,12 +81,18 @@ def check(stack_: Stack, calls: list[Placed], uuids: dict[str, str], store: Path
             problems.append(f"{call.exten} {call.label}: API saw {seen}, not {expected[0]}")
     log = stack_.pbx.asterisk.log()[-3000:].splitlines()
     assert not problems, "\n".join([*problems, "Asterisk's log ends:", *log])
+    records = await stored_records(stack_)
+    shown = {call.expected.number for call in calls if call.expected.presentation == "allowed"}
+    # The records as stored are readable here: an allowed caller's number is in them.
+    assert all(any(number.encode() in record for record in records) for number in shown)
+    files = [path.read_bytes() for path in stack_.pbx.callerid_dir.glob("callerid-*.txt")
+             if path.name[len("callerid-"):-len(".txt")] in uuids.values()]
     for number in {call.expected.hidden for call in calls} - {None}:
         assert number is not None
         digits = number.lstrip("+")
         assert not any(digits in str(payload) for payload in stack_.api.received), f"{number} reached the API"
-        if captured_before:
+        assert not any(digits.encode() in record for record in records), f"{number} is in a call record"
+        if captured_before:  # recorded while it was allowed: only where it went after matters
             continue
         assert not any(digits in line or mask_number(number) in line for line in logs), f"{number} was logged"
-        for path in store.parent.glob(store.name + "*"):
-            assert digits.encode() not in path.read_bytes(), f"{number} is in {path.name}"
+        assert not any(digits.encode() in data for data in files), f"{number} is in a legacy caller file"

@@ -195,6 +195,9 @@ class _Session:
             if reply is None:
                 return "hangup"
             num_pres = reply.value if reply.code == 200 and reply.result == 1 else None
+            if num_pres is None:  # unknown presentation: withheld, as AMI takes it (fail closed)
+                log.warning("agi_presentation_unknown", uuid=uuid, reply=reply.line[:80], treated_as="withheld")
+                num_pres = "prohib"
         record = record_from_environment(env, uuid, num_pres, self.server.region)
         try:
             stored = await self.server.registry.put(record)

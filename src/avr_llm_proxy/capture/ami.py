@@ -27,7 +27,8 @@ log = structlog.get_logger("avr_llm_proxy.capture.ami")
 
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_CHANNELS = 20_000
-_AUDIOSOCKET_CHANNEL = re.compile(r"^AudioSocket/[^-]*-(.{36})")
+# AudioSocket/<host:port>-<uuid>; the host may hold dashes itself (avr-core:5001).
+_AUDIOSOCKET_CHANNEL = re.compile(r"^AudioSocket/.+-([0-9A-Fa-f-]{36})$")
 _NO_VALUE = ("", "<unknown>", "unknown")
 _C_ESCAPE = re.compile(r"\\(.)")
 _C_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
@@ -167,8 +168,9 @@ class CallTracker:
         self._captured[uuid] = None
         if len(self._captured) > self._max_channels:
             self._captured.popitem(last=False)
+        # The number the call came in on: the call's first channel's (a DID), else this channel's.
         inbound = self._channels.get(self._inbound.get(channel.linkedid, ""), channel)
-        called = dialled_number(channel.exten, inbound.exten) or ""
+        called = dialled_number(inbound.exten, channel.exten) or ""
         return [AmiCapture(uuid, channel.name, channel.number, channel.caller_name, channel.presentation, called,
                            channel.uniqueid)]
 
@@ -179,9 +181,9 @@ class CallTracker:
             self._forget(next(iter(self._channels)))
         channel.uniqueid = message.value("uniqueid") or channel.uniqueid
         channel.linkedid = message.value("linkedid") or channel.linkedid
-        if "calleridnum" in message:
-            channel.number = _known(message.value("calleridnum")) or channel.number
-            channel.caller_name = _unescape(_known(message.value("calleridname"))) or channel.caller_name
+        if "calleridnum" in message:  # every channel event carries the caller ID as it is now, blank included
+            channel.number = _known(message.value("calleridnum"))
+            channel.caller_name = _unescape(_known(message.value("calleridname")))
         if "cid-callingpres" in message:
             channel.presentation = message.value("cid-callingpres")
         if not channel.exten and message.value("event").lower() == "newchannel":
@@ -342,13 +344,13 @@ class AmiListener:
             if num_pres is None:
                 log.warning("ami_presentation_unknown", uuid=capture.uuid, channel=capture.channel,
                             treated_as="withheld")
-        record = record_from_capture(capture, num_pres, self.region)
-        caller = record.caller
         try:
-            await self.registry.put(record)
+            stored = await self.registry.put(record_from_capture(capture, num_pres, self.region))
         except StoreError as exc:
             log.error("capture_not_stored", uuid=capture.uuid, source="ami", reason=str(exc))
             return
+        # The caller as stored: a call withheld by an earlier capture stays so, in the log too.
+        caller = stored.caller
         log.info("caller_captured", uuid=capture.uuid, source="ami", caller_number=caller.log_number,
                  presentation=caller.presentation, channel=capture.channel)
 
