@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 
 WAYS = ("agi", "curl", "legacy", "ami")
+SOURCES = {"agi": "agi", "curl": "curl", "legacy": "file", "ami": "ami"}  # the caller.source each way gives
 FORMS = ("dial", "app")
 ARGUMENTS = ("usage", "none")
 PRESENTATIONS = ("plain", "before", "after")

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import LOG_LINES
 from tests.pbx.conftest import Pbx, Stack, stack
-from tests.pbx.dialplans import FREEPBX_VARIABLE, context
+from tests.pbx.dialplans import FREEPBX_VARIABLE, SOURCES, context
 from tests.pbx.verify import Expected, Placed, check, finish
 
 SHELL_NAME = 'Ana "La Jefa" $(reboot); `id` & O\'Neil | >x'
@@ -54,9 +54,10 @@ def plan(way: str, form: str, presentations: tuple[str, ...], batch: int) -> lis
     return calls
 
 
-async def place(stack_: Stack, calls: list[Call], first: int) -> tuple[list[Placed], dict[str, str]]:
+async def place(stack_: Stack, calls: list[Call], first: int, source: str) -> tuple[list[Placed], dict[str, str]]:
     """Originate every call at once, to extensions from `first` on; wait for their turns."""
-    placed = [Placed(str(first + n), f"{call.context} {call.caller_id}", call.expected) for n, call in enumerate(calls)]
+    placed = [Placed(str(first + n), f"{call.context} {call.caller_id}", call.expected, source)
+              for n, call in enumerate(calls)]
     await asyncio.gather(*(stack_.ami.originate(f"Local/{where.exten}@{call.context}", call.caller_id)
                            for where, call in zip(placed, calls, strict=True)))
     return placed, await finish(stack_, placed, ("UUID", FREEPBX_VARIABLE))
@@ -67,13 +68,13 @@ async def run_way(pbx: Pbx, tmp_path: Path, way: str, form: str) -> None:
     alone = ("before", "after") if way == "ami" else ("before",)
     start = len(LOG_LINES)
     async with stack(pbx, tmp_path, ami=way == "ami") as running:
-        placed, uuids = await place(running, plan(way, form, alone, BATCH), 5551000)
+        placed, uuids = await place(running, plan(way, form, alone, BATCH), 5551000, SOURCES[way])
         await check(running, placed, uuids, LOG_LINES[start:])
     if way != "ami":
         # Withheld after the subroutine: only AMI, beside the way, can still see it before avr-core speaks.
         later = [Call(context(way, form, "usage", "after"), *WITHHELD["after"])] * 2
         async with stack(pbx, tmp_path / "with-ami", ami=True) as running:
-            placed, uuids = await place(running, later, 5552000)
+            placed, uuids = await place(running, later, 5552000, "ami")  # AMI's capture withheld it
             await check(running, placed, uuids, [], captured_before=True)
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import LOG_LINES
 from tests.pbx.conftest import REQUIRED, Pbx, stack
-from tests.pbx.dialplans import WAYS
+from tests.pbx.dialplans import SOURCES, WAYS
 from tests.pbx.sip import place, sipp_program
 from tests.pbx.verify import Expected, Placed, check, finish
 
@@ -83,7 +83,7 @@ async def test_sip_callers_through_every_way(pbx: Pbx, tmp_path: Path) -> None:
     for ways, folder in ((WAYS[:3], tmp_path / "dialplan-ways"), (WAYS[3:], tmp_path / "ami")):
         folder.mkdir()
         calls = [(f"7{WAYS.index(way) + 1}{n:02d}", way, case) for way in ways for n, case in enumerate(CASES)]
-        placed = [Placed(exten, f"{way}: {case.label}", case.expected) for exten, way, case in calls]
+        placed = [Placed(exten, f"{way}: {case.label}", case.expected, SOURCES[way]) for exten, way, case in calls]
         blocks = _udp_blocks(len(calls))
         start = len(LOG_LINES)
         async with stack(pbx, folder, ami="ami" in ways) as running:

@@ -26,11 +26,12 @@ class Expected:
 
 @dataclass(frozen=True)
 class Placed:
-    """A call placed to `exten` (also its dialled number), described by `label`."""
+    """A call placed to `exten` (also its dialled number), described by `label`, captured by `source`."""
 
     exten: str
     label: str
     expected: Expected
+    source: str
 
 
 async def finish(stack_: Stack, calls: list[Placed], variables: tuple[str, ...]) -> dict[str, str]:
@@ -73,10 +74,10 @@ async def check(stack_: Stack, calls: list[Placed], uuids: dict[str, str], logs:
         heard = [turn.problems or turn.sentences for turn in played.turns]
         if played.error or len(played.turns) != len(UTTERANCES) or any(turn.problems for turn in played.turns):
             problems.append(f"{call.exten} {call.label}: avr-core {played.error or heard}")
-        seen = [(p["caller_number"], p["caller"]["presentation"], p["caller_name"], p["called_number"])
-                for p in by_call.get(uuid, [])]
+        seen = [(p["caller_number"], p["caller"]["presentation"], p["caller_name"], p["called_number"],
+                 p["caller"]["source"]) for p in by_call.get(uuid, [])]
         want = call.expected
-        expected = [(want.number, want.presentation, want.name, call.exten)] * len(UTTERANCES)
+        expected = [(want.number, want.presentation, want.name, call.exten, call.source)] * len(UTTERANCES)
         if seen != expected:
             problems.append(f"{call.exten} {call.label}: API saw {seen}, not {expected[0]}")
     log = stack_.pbx.asterisk.log()[-3000:].splitlines()
