@@ -1,22 +1,27 @@
-"""calls.py: the registry over the memory and SQLite stores (the store contract: test_store_contract)."""
+"""calls.py: the registry over the memory and SQLite stores, and Redis where only a volatile shared store
+shows it (the store contract: test_store_contract)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+import uuid as uuidlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from avr_llm_proxy.calls import CallRecord, CallRegistry, NumberErased
 from avr_llm_proxy.identity import parse_caller
 from avr_llm_proxy.stores import Store, StoreError, open_store
 from avr_llm_proxy.stores.memory import MemoryStore
+from avr_llm_proxy.stores.redis import CHANNEL
 from avr_llm_proxy.stores.sqlite import SqliteStore
 
 UUID = "cbb1cd1e-86d0-4af4-b938-ebd18537fffb"
@@ -458,3 +463,150 @@ async def test_capture_whose_record_was_forgotten_meanwhile_is_a_first_capture()
     found = await registry.get(UUID)
     for seen in (again, found):
         assert seen is not None and seen.caller.presentation == "allowed" and seen.caller.e164 == "+593987654321"
+
+
+async def test_recapture_keeps_an_ended_calls_short_retention(store: Store) -> None:
+    """A recapture after the call ended keeps the record's expiry: the short retention is not renewed to the TTL."""
+    registry = CallRegistry(store, 3600)
+    await registry.put(capture("allowed_not_screened"))
+    ended = await registry.change(UUID, lambda current: dataclasses.replace(current, ended_at=time.time()), ttl=60)
+    assert ended is not None and ended.expires_at < time.time() + 61
+    # The same caller again (the value alone is rewritten), then another source's caller (written whole).
+    for again in (capture("allowed_not_screened"), capture("allowed_not_screened", "+34612345678", source="agi")):
+        returned = await registry.put(again)
+        found = await registry.get(UUID, fresh=True)
+        for seen in (returned, found):
+            assert seen is not None and seen.caller == again.caller and seen.ended_at == ended.ended_at
+            assert abs(seen.expires_at - ended.expires_at) < 1
+
+
+class CapturedWithheldMeanwhile(MemoryStore):
+    """A memory store where the call's record is forgotten right after a put is refused for it, and another
+    process's withheld first capture lands right after the recapture found no record."""
+
+    def __init__(self, withheld: CallRecord) -> None:
+        super().__init__()
+        self.withheld: CallRecord | None = withheld
+        self.forgotten = False
+
+    async def put(self, key: str, value: bytes, expires_at: float, tag: str | None = None, replace: bool = True,
+                  born: float | None = None) -> bool:
+        stored = await super().put(key, value, expires_at, tag, replace, born)
+        if not stored and not replace and not self.forgotten:
+            self.forgotten = await self.delete(key)
+        return stored
+
+    async def get(self, key: str) -> bytes | None:
+        value = await super().get(key)
+        if value is None and self.forgotten and self.withheld is not None:
+            withheld, self.withheld = self.withheld, None
+            await super().put(key, withheld.to_bytes(), withheld.expires_at)
+        return value
+
+
+async def test_capture_never_overwrites_a_withheld_first_capture_made_meanwhile() -> None:
+    """The record gone between a put's refusal and its recapture, then another process's withheld first
+    capture: the capture is stored only as a recapture of it, so the call stays withheld."""
+    withheld = dataclasses.replace(capture("prohib"), expires_at=time.time() + 3600)
+    store = CapturedWithheldMeanwhile(withheld)
+    registry = CallRegistry(store, 3600)
+    await registry.put(capture("allowed_not_screened", source="http"))
+    again = await registry.put(capture("allowed_not_screened", source="agi"))
+    found = await registry.get(UUID, fresh=True)
+    for seen in (again, found):
+        assert seen is not None and seen.caller.presentation == "withheld" and seen.caller.source == "ami"
+        assert seen.caller.raw is None and seen.caller.caller_number("e164") == "anonymous"
+    assert store.withheld is None and b"593987654321" not in (await store.get(UUID) or b"")
+
+
+# Database 13 is this module's own (the contract and replica tests flush 15, the benchmark 14).
+REDIS_URL = "redis://127.0.0.1:6379/13"
+
+
+@pytest.fixture
+def redis_db() -> Iterator[redis.Redis]:
+    """A direct client on this module's Redis database, emptied before and after the test."""
+    direct = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        direct.ping()
+    except redis.RedisError:
+        pytest.skip("Redis is not answering on 127.0.0.1:6379")
+    direct.flushdb()
+    yield direct
+    direct.flushdb()
+    direct.close()
+
+
+class Listening:
+    """A registry on Redis whose change-feed news the test can wait for (each after the registry had it)."""
+
+    def __init__(self, registry: CallRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.heard: asyncio.Queue[str] = asyncio.Queue()
+        listen = registry.store.listen
+
+        def told(on_key: Callable[[str], None]) -> None:
+            def relay(key: str) -> None:
+                on_key(key)
+                self.heard.put_nowait(key)
+            listen(relay)
+
+        monkeypatch.setattr(registry.store, "listen", told)
+        registry.start()
+
+    async def subscribed(self, redis_db: redis.Redis) -> None:
+        for _ in range(100):  # until the subscription is up: a news item sent before it would be lost
+            redis_db.publish(CHANNEL, "probe")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.heard.get(), 0.1)
+                return
+        pytest.fail("the registry did not subscribe")
+
+    async def news_of(self, key: str) -> None:
+        while await asyncio.wait_for(self.heard.get(), 10) != key:
+            pass
+
+
+async def test_record_another_worker_wrote_is_not_written_back_after_redis_lost_it(
+        redis_db: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker A holds an allowed caller; worker B withholds the call and A is told; Redis then loses the
+    record: A neither serves nor writes back its stale allowed copy."""
+    call = str(uuidlib.uuid4())  # the channel is shared by every database: no other test's news matches it
+    mine, theirs = CallRegistry(open_store(REDIS_URL), 3600), CallRegistry(open_store(REDIS_URL), 3600)
+    feed = Listening(mine, monkeypatch)
+    news_of = feed.news_of
+    try:
+        await feed.subscribed(redis_db)
+        allowed = dataclasses.replace(capture("allowed_not_screened", source="agi"), uuid=call)
+        await mine.put(allowed)
+        await news_of(call)  # A's own write comes back to it too
+        held = await mine.get(call)
+        assert held is not None and held.caller.e164 == "+593987654321"
+        withheld = await theirs.put(dataclasses.replace(capture("prohib"), uuid=call))
+        assert withheld.caller.presentation == "withheld"
+        await news_of(call)
+        redis_db.flushdb()  # Redis restarted without persistence
+        assert await mine.get(call) is None
+        assert not redis_db.exists(f"avrlp:call:{call}")
+        assert not any(b"593987654321" in (redis_db.get(key) or b"") for key in redis_db.keys("avrlp:call:*"))
+    finally:
+        await mine.store.close()
+        await theirs.store.close()
+
+
+async def test_own_write_echoed_back_still_heals_a_redis_that_lost_it(
+        redis_db: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The feed's echo of a worker's own capture leaves its copy trusted: Redis restarting before the
+    first turn does not cost the call its caller."""
+    call = str(uuidlib.uuid4())
+    mine = CallRegistry(open_store(REDIS_URL), 3600)
+    feed = Listening(mine, monkeypatch)
+    try:
+        await feed.subscribed(redis_db)
+        await mine.put(dataclasses.replace(capture("allowed_not_screened", source="agi"), uuid=call))
+        await feed.news_of(call)  # the echo of its own write
+        redis_db.flushdb()  # Redis restarted without persistence
+        restored = await mine.get(call)
+        assert restored is not None and restored.caller.e164 == "+593987654321"
+        assert redis_db.exists(f"avrlp:call:{call}")
+    finally:
+        await mine.store.close()

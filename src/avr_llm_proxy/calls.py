@@ -94,6 +94,9 @@ class _Known(NamedTuple):
     record: CallRecord
     stamp: bytes | None = None  # the store's change stamp just before the read; None: read again
     read_at: float = 0.0
+    # Notices of this process's own writes still to come back from the store's change feed: those
+    # do not make the copy stale (a notice of another process's write does).
+    echoes: int = 0
 
 
 @dataclass(slots=True)
@@ -175,15 +178,23 @@ class CallRegistry:
         self.store.listen(self._heard)
 
     def _heard(self, uuid: str) -> None:
-        """Another process wrote this record: the copy held here may be stale (an allowed caller since
-        withheld), so it is neither used nor written back before the store is read again."""
-        if not uuid.startswith(("-", TAG_ERASED)):
-            self._known.pop(uuid, None)
+        """The store's feed says a process wrote this record. Unless that is the echo of a write of this
+        process's own, the copy held here may be stale (an allowed caller since withheld by another
+        capture): it is dropped, so it is neither used nor written back before the store is read again."""
+        known = self._known.get(uuid)
+        if known is not None and not uuid.startswith(("-", TAG_ERASED)):
+            if known.echoes:  # the notice of a write of this process's own (Redis tells every listener)
+                self._known[uuid] = known._replace(echoes=known.echoes - 1)
+            else:
+                del self._known[uuid]
         self._wake(uuid)
 
     def _remember(self, data: bytes, record: CallRecord, stamp: bytes | None = None, read_at: float = 0.0,
-                  ) -> _Known:
-        known = self._known[record.uuid] = _Known(data, record, stamp, read_at)
+                  written: bool = False) -> _Known:
+        """Hold a record as stored or read; `written`: this process wrote it, with a notice to others."""
+        before = self._known.get(record.uuid)
+        echoes = (before.echoes if before is not None else 0) + written
+        known = self._known[record.uuid] = _Known(data, record, stamp, read_at, echoes)
         self._known.move_to_end(record.uuid)
         if len(self._known) > self._known_size:
             self._known.popitem(last=False)
@@ -275,7 +286,7 @@ class CallRegistry:
         if over is not None and not notify:
             # A quiet write leaves the stamp as it was: it still vouches for this record.
             return self._remember(data, stored, over.stamp, over.read_at)
-        return self._remember(data, stored)
+        return self._remember(data, stored, written=True)
 
     async def get(self, uuid: str, fresh: bool = False) -> CallRecord | None:
         """The record: the one held here while the store says nothing changed, else the store's, else

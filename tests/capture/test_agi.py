@@ -124,8 +124,10 @@ def test_called_number_from_dnid_else_argument_else_extension(fixture: str, valu
     assert record.caller.e164 == "+593987654321" and record.uuid == FIXTURE_UUID
 
 
-async def agi_session(port: int, env: bytes, num_pres: str = "allowed_not_screened") -> list[str]:
-    """A fake Asterisk: send the environment, answer each command the way Asterisk 22 does."""
+async def agi_session(port: int, env: bytes, num_pres: str = "allowed_not_screened",
+                      getvar_reply: str | None = None) -> list[str]:
+    """A fake Asterisk: send the environment, answer each command the way Asterisk 22 does
+    (`getvar_reply`: the whole answer to GET FULL VARIABLE instead)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(env)
     commands = []
@@ -134,7 +136,7 @@ async def agi_session(port: int, env: bytes, num_pres: str = "allowed_not_screen
             command = line.decode().rstrip("\n")
             commands.append(command)
             if command.startswith("GET FULL VARIABLE"):
-                writer.write(f"200 result=1 ({num_pres})\n".encode())
+                writer.write(f"{getvar_reply or f'200 result=1 ({num_pres})'}\n".encode())
             else:
                 writer.write(b"200 result=1\n")
     finally:
@@ -231,6 +233,23 @@ async def test_presentation_is_honoured(tmp_path: Path, num_pres: str, callingpr
     payload = api.received[0]
     assert payload["caller_number"] == expected and payload["caller"]["raw"] is None
     assert "593987654321" not in orjson.dumps(payload).decode()
+
+
+@pytest.mark.parametrize("reply", ["510 Invalid or unknown command", "200 result=0"])
+async def test_presentation_not_answered_is_withheld(tmp_path: Path, logs, reply: str) -> None:  # type: ignore[no-untyped-def]
+    """CALLERID(num-pres) not answered (an error, result=0): the call is withheld, not forwarded as allowed."""
+    port, call = closed_port(), str(uuidlib.uuid4())
+    async with running_api() as api:
+        settings = make_settings(tmp_path, api_url=api.url, agi_listen=f"127.0.0.1:{port}")
+        async with running_proxy(settings) as proxy:
+            commands = await agi_session(port, with_script(PJSIP, arg=call), getvar_reply=reply)
+            assert commands == ["GET FULL VARIABLE ${CALLERID(num-pres)}", f'SET VARIABLE UUID "{call}"']
+            await play_call(proxy.url, call, ["hola"])
+    payload = api.received[0]
+    assert payload["caller_number"] == "anonymous" and payload["caller"]["presentation"] == "withheld"
+    assert payload["caller"]["raw"] is None and "593987654321" not in orjson.dumps(payload).decode()
+    warned = [orjson.loads(line) for line in logs() if '"agi_presentation_unknown"' in line]
+    assert [(line["uuid"], line["reply"], line["treated_as"]) for line in warned] == [(call, reply, "withheld")]
 
 
 async def test_unknown_script_and_bad_clients_end_cleanly(tmp_path: Path) -> None:

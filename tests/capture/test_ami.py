@@ -15,8 +15,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from avr_llm_proxy.calls import CallRecord, CallRegistry
 from avr_llm_proxy.capture.ami import (
     AmiCapture,
+    AmiListener,
     AmiMessage,
     AmiParser,
     AmiProtocolError,
@@ -24,7 +26,9 @@ from avr_llm_proxy.capture.ami import (
     parse_ami_url,
     record_from_capture,
 )
+from avr_llm_proxy.identity import parse_caller
 from avr_llm_proxy.simulate import http_request, play_call
+from avr_llm_proxy.stores.memory import MemoryStore
 
 from ..conftest import FIXTURES, clean_environ, closed_port, make_settings, running_api, running_proxy
 
@@ -116,6 +120,47 @@ def test_audiosocket_leg_alone_captures_nothing() -> None:
               + channel_event("NewConnectedLine", f"AudioSocket/127.0.0.1:5001-{call}", "s", "9.9"))
     assert [c for m in messages(stream) for c in tracker.feed(m)] == []
     assert len(tracker) == 0
+
+
+def test_caller_id_the_dialplan_blanks_is_captured_blank() -> None:
+    """A number blanked after it was seen (NewCallerid `<unknown>`) is captured with no number at the step."""
+    call, leg = str(uuidlib.uuid4()), "PJSIP/trunk-00000001"
+    stream = (
+        channel_event("Newchannel", leg, "+593987654321", "1795.1")
+        + channel_event("NewCallerid", leg, "<unknown>", "1795.1", **{"CID-CallingPres": "0 (Presentation Allowed)"})
+        + channel_event("Newexten", leg, "<unknown>", "1795.1", Application="Dial",
+                        AppData=f"AudioSocket/127.0.0.1:5001/{call},120")
+    )
+    assert [(c.uuid, c.channel, c.number) for c in tracked([BANNER + stream])] == [(call, leg, "")]
+
+
+def test_audiosocket_host_with_a_dash_is_recognised() -> None:
+    """Call events only: a DialBegin to `AudioSocket/avr-core:5001-<uuid>` (a dash in the host) is the step."""
+    call = str(uuidlib.uuid4())
+    socket_leg = f"AudioSocket/avr-core:5001-{call}"
+    stream = (
+        channel_event("Newchannel", "PJSIP/tester-00000001", "+593987654321", "1795.1")
+        + channel_event("Newchannel", socket_leg, "5551000", "1795.1")
+        + channel_event("DialBegin", "PJSIP/tester-00000001", "+593987654321", "1795.1", DestChannel=socket_leg)
+        + channel_event("DialEnd", "PJSIP/tester-00000001", "+593987654321", "1795.1", DestChannel=socket_leg)
+    )
+    assert b"Privilege: dialplan" not in stream
+    assert [(c.uuid, c.channel, c.number) for c in tracked([BANNER + stream])] == [
+        (call, "PJSIP/tester-00000001", "+593987654321")]
+
+
+def test_called_number_is_the_first_channels_extension() -> None:
+    """SIP into Dial(Local/7000@…) whose ;2 half runs the step: the number dialled is the SIP channel's 5551000."""
+    call, linkedid = str(uuidlib.uuid4()), "1795.1"
+    half = "Local/7000@avr-00000000;2"
+    stream = (
+        channel_event("Newchannel", "PJSIP/trunk-00000001", "+593987654321", linkedid, Exten="5551000")
+        + channel_event("Newchannel", "Local/7000@avr-00000000;1", "+593987654321", linkedid, Exten="7000")
+        + channel_event("Newchannel", half, "+593987654321", linkedid, Exten="7000")
+        + channel_event("Newexten", half, "+593987654321", linkedid, Exten="7000", Application="Dial",
+                        AppData=f"AudioSocket/127.0.0.1:5001/{call},120")
+    )
+    assert [(c.uuid, c.channel, c.called) for c in tracked([BANNER + stream])] == [(call, half, "5551000")]
 
 
 def test_tracker_memory_is_bounded() -> None:
@@ -349,6 +394,31 @@ async def test_getvar_error_withholds_the_number(tmp_path: Path) -> None:
     assert "Local/s@avr-00000000;2" in manager.getvars
     assert api.received[0]["caller_number"] == "anonymous" and api.received[0]["caller"]["raw"] is None
     assert "593987654321" not in orjson.dumps(api.received[0]).decode()
+
+
+def captured_lines(lines: list[str]) -> dict[str, dict[str, str]]:
+    """The `caller_captured` log lines by call UUID."""
+    return {line["uuid"]: line for line in map(orjson.loads, lines) if line["event"] == "caller_captured"}
+
+
+async def test_capture_log_shows_the_caller_as_stored(logs) -> None:  # type: ignore[no-untyped-def]
+    """A call an earlier capture withheld is logged withheld by the AMI capture too, though its Getvar says
+    allowed: no masked number of it in the log."""
+    registry = CallRegistry(MemoryStore(), 3600)
+    await registry.put(CallRecord(uuid=DIAL_UUID, caller=parse_caller("+593987654321", "Juan Perez", "prohib",
+                                                                       source="agi")))
+    async with fake_manager(FakeManager([EVENTS])) as manager:
+        listener = AmiListener(registry, f"ami://avr:secret@127.0.0.1:{manager.port}", "EC")
+        listener.start()
+        try:
+            await wait_for(lambda: len(captured_lines(logs())) == 2)
+        finally:
+            await listener.close()
+    lines = captured_lines(logs())
+    assert lines[APP_UUID]["presentation"] == "allowed" and lines[APP_UUID]["caller_number"].endswith("4321")
+    assert lines[DIAL_UUID]["presentation"] == "withheld" and lines[DIAL_UUID]["caller_number"] == "anonymous"
+    assert "4321" not in orjson.dumps(lines[DIAL_UUID]).decode()
+    assert "Local/s@avr-00000000;2" in manager.getvars
 
 
 async def test_reconnect_starts_with_an_empty_tracker(tmp_path: Path) -> None:
