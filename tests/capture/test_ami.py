@@ -317,6 +317,9 @@ class FakeManager:
                         if script.endswith(b"CUT"):
                             writer.close()
                             return
+                    elif action.get("action") == "Getvar" and "channel" not in action:  # a global, as the probe
+                        writer.write(f"Response: Success\r\nActionID: {action['actionid']}\r\n"
+                                     f"Variable: {action['variable']}\r\nValue: \r\n\r\n".encode())
                     elif action.get("action") == "Getvar":
                         self.getvars.append(action["channel"])
                         if self.getvar_error:

@@ -94,6 +94,7 @@ class Ports:
 
 AMI_USER, AMI_SECRET = "tests", "tests-secret-0123456789"
 PROXY_AMI_USER, PROXY_AMI_SECRET = "avr-llm-proxy", "proxy-secret-0123456789"
+READONLY_AMI_USER = "avr-llm-proxy-readonly"
 
 
 def configuration(folder: str, ports: Ports) -> dict[str, str]:
@@ -116,7 +117,10 @@ def configuration(folder: str, ports: Ports) -> dict[str, str]:
             "read = all\nwrite = all\n\n"
             # The proxy's user has exactly the rights dialplan/avr-callerid-ami.conf asks for.
             f"[{PROXY_AMI_USER}]\nsecret = {PROXY_AMI_SECRET}\ndeny = 0.0.0.0/0.0.0.0\n"
-            "permit = 127.0.0.1/255.255.255.255\nread = call,dialplan\nwrite = call,reporting\n"
+            "permit = 127.0.0.1/255.255.255.255\nread = call,dialplan\nwrite = call,reporting\n\n"
+            # A user set up by half: it reads the events but may not ask Getvar.
+            f"[{READONLY_AMI_USER}]\nsecret = {PROXY_AMI_SECRET}\ndeny = 0.0.0.0/0.0.0.0\n"
+            "permit = 127.0.0.1/255.255.255.255\nread = call,dialplan\nwrite = system\n"
         ),
     }
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import LOG_LINES
+from tests.pbx.asterisk import PROXY_AMI_SECRET, READONLY_AMI_USER
 from tests.pbx.conftest import Pbx, Stack, stack
 from tests.pbx.dialplans import FREEPBX_VARIABLE, SOURCES, context
 from tests.pbx.verify import Expected, Placed, check, finish
@@ -84,3 +85,17 @@ async def test_capture_way(pbx: Pbx, tmp_path: Path, way: str, form: str) -> Non
     """Each shipped way, in the seed's Dial form and FreePBX's AudioSocket() form, gives each call its caller."""
     (tmp_path / "with-ami").mkdir()
     await run_way(pbx, tmp_path, way, form)
+
+
+async def test_manager_user_without_getvar_withholds_and_says_so(pbx: Pbx, tmp_path: Path, logs) -> None:  # type: ignore[no-untyped-def]
+    """An AMI user that reads events but may not Getvar: one warning at login, and every caller withheld."""
+    url = f"ami://{READONLY_AMI_USER}:{PROXY_AMI_SECRET}@127.0.0.1:{pbx.asterisk.ports.ami}"
+    calls = [Call(context("ami", "dial", "usage", "plain"), *CALLERS["e164"])] * 2
+    async with stack(pbx, tmp_path, ami=True, ami_url=url) as running:
+        placed, uuids = await place(running, calls, 5553000, "ami")
+        withheld = [Placed(call.exten, call.label, Expected("anonymous", "withheld", hidden="+593987654321"), "ami")
+                    for call in placed]
+        await check(running, withheld, uuids, logs())
+    refused = [line for line in logs() if '"ami_getvar_refused"' in line]
+    assert len(refused) == 1 and "Permission denied" in refused[0] and "write = call,reporting" in refused[0]
+    assert len([line for line in logs() if '"ami_presentation_unknown"' in line]) == len(calls)

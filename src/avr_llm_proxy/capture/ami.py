@@ -325,6 +325,13 @@ class AmiListener:
                 self.connected = True
                 AMI_CONNECTED.set(1)
                 log.info("ami_connected", host=self.endpoint.host, port=self.endpoint.port)
+                # Every capture asks Getvar: a user that may not would withhold every caller, one
+                # warning per call. Asked once now, the reason is said once, at login.
+                writer.write(_action({"Action": "Getvar", "ActionID": "probe", "Variable": "AVR_LLM_PROXY_PROBE"}))
+            elif action_id == "probe" and message.value("response").lower() != "success":
+                log.warning("ami_getvar_refused", host=self.endpoint.host, message=message.value("message")[:80],
+                            effect="every caller it captures is recorded withheld",
+                            hint="give the manager user write = call,reporting (manager.conf)")
             waiter = self._pending.pop(action_id, None)
             if waiter is not None and not waiter.done():
                 ok = message.value("response").lower() == "success"
