@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import tracemalloc
 import uuid as uuidlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -170,6 +171,28 @@ def test_tracker_memory_is_bounded() -> None:
         for message in messages(channel_event("Newchannel", f"PJSIP/x-{index}", "1", f"{index}.0")):
             tracker.feed(message)
     assert len(tracker) == 100
+
+
+def test_tracker_memory_is_bounded_when_linkedids_change() -> None:
+    """A channel whose Linkedid keeps changing (bridges, transfers) leaves nothing behind for each old one."""
+    tracker = CallTracker(max_channels=100)
+
+    def event(index: int) -> AmiMessage:
+        message = AmiMessage(event="NewConnectedLine", channel=f"PJSIP/x-{index % 50}", linkedid=f"{index}.0",
+                             uniqueid=f"{index % 50}.1", calleridnum="+593987654321")
+        return message
+
+    for index in range(1000):  # warm up: every structure at its working size
+        tracker.feed(event(index))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for index in range(1000, 101000):
+            tracker.feed(event(index))
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(tracker) == 50 and grown < 256 * 1024, f"grew {grown} bytes over 100,000 Linkedid changes"
 
 
 def tracked(chunks: list[bytes], tracker: CallTracker | None = None) -> list[AmiCapture]:

@@ -180,7 +180,10 @@ class CallTracker:
         if len(self._channels) > self._max_channels:
             self._forget(next(iter(self._channels)))
         channel.uniqueid = message.value("uniqueid") or channel.uniqueid
-        channel.linkedid = message.value("linkedid") or channel.linkedid
+        linkedid = message.value("linkedid") or channel.linkedid
+        if linkedid != channel.linkedid and self._inbound.get(channel.linkedid) == name:
+            del self._inbound[channel.linkedid]  # a bridge or transfer gave the channel another call's id
+        channel.linkedid = linkedid
         if "calleridnum" in message:  # every channel event carries the caller ID as it is now, blank included
             channel.number = _known(message.value("calleridnum"))
             channel.caller_name = _unescape(_known(message.value("calleridname")))
