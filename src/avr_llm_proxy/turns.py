@@ -169,8 +169,10 @@ class Turns:
         if record is not None:
             return await self.registry.touch(record)
         if turn.body_caller is not None:
+            # For this turn only, never stored: any client may write a body, and a stored caller would
+            # stand for the whole call and refuse the dialplan's real capture (already_captured).
             caller = parse_caller(turn.body_caller, source="body", region=self.policy.region)
-            return await self.registry.put(CallRecord(uuid=turn.uuid, caller=caller))
+            return CallRecord(uuid=turn.uuid, caller=caller)
         if self.policy.caller_wait_s <= 0 or not self.registry.recent.first_wait(turn.uuid):
             # Waited on an earlier turn already: a capture that late would still be found above.
             return None

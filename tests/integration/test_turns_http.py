@@ -147,10 +147,10 @@ async def test_caller_reaches_api_on_every_turn(tmp_path: Path, way: str) -> Non
             elif way == "legacy_file":
                 (Path(settings.callerid_dir) / f"callerid-{call}.txt").write_text("+593987654321\n")
             history: list[dict[str, str]] = []
-            for index, said in enumerate(["hola", "mi pedido", "gracias"]):
+            for said in ["hola", "mi pedido", "gracias"]:
                 history.append({"role": "user", "content": said})
                 body: dict[str, object] = {"uuid": call, "message": said, "messages": history}
-                if way == "body_fallback" and index == 0:
+                if way == "body_fallback":  # a seed client sends it on every turn: it is never stored
                     body["callerid"] = "0987654321"
                 status, _, heard, problems = await post_turn(proxy.url, orjson.dumps(body))
                 assert status == 200 and problems == []
@@ -399,3 +399,21 @@ async def test_bot_phone_follows_the_dialled_number(tmp_path: Path) -> None:
     phones = {payload["conversation_id"]: (payload["phone"], payload["called_number"]) for payload in api.received}
     assert phones == {first: ("593985059133", "5551000"), second: ("593985059134", "5551001"),
                       other: ("593985059132", "5559999")}
+
+
+async def test_body_fields_are_for_one_turn_and_never_block_a_capture(tmp_path: Path) -> None:
+    """A turn body's caller fields speak for that turn only: not stored, and the dialplan's capture still lands."""
+    call = new_uuid()
+    async with running_api() as api:
+        settings = make_settings(tmp_path, api_url=api.url, caller_wait_ms=0)
+        async with running_proxy(settings) as proxy:
+            forged = {"uuid": call, "message": "hola", "messages": [], "callerid": "0991234567"}
+            status, _, heard, _ = await post_turn(proxy.url, orjson.dumps(forged))
+            assert status == 200 and heard[0] == "Hola +593991234567."
+            plain = {"uuid": call, "message": "sigo", "messages": []}
+            status, _, heard, _ = await post_turn(proxy.url, orjson.dumps(plain))
+            assert status == 200 and heard[0] == "Hola unknown."
+            await register_json(proxy.url, call, "+593987654321")  # the dialplan's capture: not already_captured
+            status, _, heard, _ = await post_turn(proxy.url, orjson.dumps(plain))
+            assert status == 200 and heard[0] == "Hola +593987654321."
+    assert [payload["caller"]["source"] for payload in api.received] == ["body", "none", "http"]
