@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import socket
 import subprocess
 import sys
 import time
@@ -60,6 +62,42 @@ def test_invalid_setting_stops_startup_with_one_line(tmp_path: Path) -> None:
     result = run(["serve"], tmp_path, PORT="abc")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "invalid setting PORT" in result.stderr and "'abc'" in result.stderr
+
+
+KEY = base64.b64encode(bytes(32)).decode()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "name", "secret"),
+    [
+        (["serve"], {"ENCRYPTION_KEY": "not-base64-SECRETVALUE123"}, "ENCRYPTION_KEY", "SECRETVALUE123"),
+        (["check"], {"AMI_URL": "ami://user:S3cretPw@host:notaport"}, "AMI_URL", "S3cretPw"),
+        (["serve"], {"STORE_URL": "redis://:S3cretPw@host:bad", "ENCRYPTION_KEY": KEY}, "STORE_URL", "S3cretPw"),
+        (["check"], {"API_URL": "ftp://user:S3cretPw@api.example/bot"}, "API_URL", "S3cretPw"),
+        (["simulate", "--caller", "1", "hola"], {"HASH_KEY": "S3cretPw"}, "HASH_KEY", "S3cretPw"),
+        (["serve"], {"API_TOKEN": "tok-S3cretPw\r\nX-Injected: yes"}, "API_TOKEN", "S3cretPw"),
+        (["check"], {"OPENAI_API_KEY": "sk-S3cretPw\nX-Injected: yes"}, "OPENAI_API_KEY", "X-Injected"),
+    ],
+)
+def test_invalid_secret_is_not_echoed(tmp_path: Path, args: list[str], env: dict[str, str], name: str,
+                                      secret: str) -> None:
+    """A refused key, token or URL stops start-up with one line naming it, and none of its secret."""
+    result = run(args, tmp_path, **env)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and f"invalid setting {name}" in result.stderr
+    assert secret not in result.stdout + result.stderr
+
+
+def test_store_and_api_urls_shown_without_password(tmp_path: Path) -> None:
+    """serve and check name an unusable Redis or a business API by URL, never with its password."""
+    store = f"redis://:S3cretPw@127.0.0.1:{closed_port()}/0"
+    served = run(["serve"], tmp_path, STORE_URL=store, ENCRYPTION_KEY=KEY)
+    assert served.returncode == 2 and "redis://***@127.0.0.1" in served.stderr
+    with socket.create_server(("127.0.0.1", 0)) as api:
+        api_url = f"http://bot:S3cretPw@127.0.0.1:{api.getsockname()[1]}/api"
+        checked = run(["check"], tmp_path, CALLERID_DIR=str(tmp_path), API_URL=api_url)
+    assert checked.returncode == 0 and "ok   business API reachable: http://***@127.0.0.1" in checked.stdout
+    assert "S3cretPw" not in served.stdout + served.stderr + checked.stdout + checked.stderr
 
 
 def test_workers_with_memory_store_refused(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-from .config import Settings, SettingsError, load_settings
+from .config import Settings, SettingsError, load_settings, without_credentials
 
 if TYPE_CHECKING:
     from .calls import CallRegistry
@@ -52,7 +52,8 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     problem = asyncio.run(_store_problem(settings))
     if problem:
-        print(f"avr-llm-proxy: invalid setting STORE_URL ({settings.store_url!r}): {problem}", file=sys.stderr)
+        print(f"avr-llm-proxy: invalid setting STORE_URL (got {without_credentials(settings.store_url)!r}): {problem}",
+              file=sys.stderr)
         return 2
     try:
         keys = keys_for(settings)
@@ -155,11 +156,12 @@ def check(args: argparse.Namespace) -> int:
     report(True, "settings", f"HTTP {settings.host}:{settings.port}, store {settings.store_url.split(':')[0]}")
 
     problem = asyncio.run(_store_problem(settings))
-    report(problem is None, "store", problem or settings.store_url)
+    report(problem is None, "store", problem or without_credentials(settings.store_url))
     if settings.api_url:
         parts = urlsplit(settings.api_url)
         problem = _reachable(settings.api_url)
-        report(problem is None, "business API reachable", problem or f"{parts.scheme}://{parts.netloc}")
+        report(problem is None, "business API reachable",
+               problem or without_credentials(f"{parts.scheme}://{parts.netloc}"))
     else:
         report(True, "business API", "built-in demo API (set API_URL for yours)")
     if settings.callerid_dir:

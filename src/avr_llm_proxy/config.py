@@ -9,16 +9,19 @@ import ipaddress
 import os
 import re
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import phonenumbers
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .privacy import parse_keys
 from .speech import sentences
 
 _DIALABLE = re.compile(r"^\+?[0-9]{2,20}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 DEFAULT_FALLBACK = "Disculpe, en este momento no puedo responder. Por favor, intente de nuevo en unos minutos."
 
 
@@ -26,8 +29,28 @@ class SettingsError(Exception):
     """A setting has a value we cannot run with; the message names it and what is accepted."""
 
 
+def _split(value: str) -> SplitResult | None:
+    """The URL's parts, or None when urllib cannot read them (its errors quote the URL, password included)."""
+    try:
+        parts = urlsplit(value)
+        return parts if parts.port is None or parts.port > 0 else None
+    except ValueError:
+        return None
+
+
+def without_credentials(url: str) -> str:
+    """`url` for a message, with whatever stands between its scheme and its last `@` (user:password) as `***`.
+
+    The last `@`, not the end of the host part: a password holding an unencoded `/` or `@` goes whole too.
+    """
+    if "@" not in url:
+        return url
+    scheme = _SCHEME.match(url)
+    return f"{scheme.group() if scheme else ''}***@{url.rpartition('@')[2]}"
+
+
 class Settings(BaseSettings):
-    """The settings table of the README, one field each."""
+    """The settings table of the README, one field each; a secret is a field with `repr=False`."""
 
     model_config = SettingsConfigDict(
         env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
@@ -72,7 +95,7 @@ class Settings(BaseSettings):
                                 validation_alias="FILLER_MESSAGE")
     upstream: Literal["api", "openai"] = Field("api", validation_alias="UPSTREAM")
     openai_base_url: str = Field("https://api.openai.com/v1", validation_alias="OPENAI_BASE_URL")
-    openai_api_key: str = Field("", validation_alias="OPENAI_API_KEY")
+    openai_api_key: str = Field("", validation_alias="OPENAI_API_KEY", repr=False)
     openai_model: str = Field("gpt-4o-mini", min_length=1, max_length=200, validation_alias="OPENAI_MODEL")
     system_prompt: str = Field(
         "You are a friendly phone assistant. The caller's number is {caller_number} and their name is "
@@ -83,7 +106,7 @@ class Settings(BaseSettings):
     log_numbers: Literal["masked", "hash", "full"] = Field("masked", validation_alias="LOG_NUMBERS")
     hash_key: str = Field("", validation_alias="HASH_KEY", repr=False)
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", validation_alias="LOG_LEVEL")
-    debug_token: str = Field("", validation_alias="DEBUG_TOKEN")
+    debug_token: str = Field("", validation_alias="DEBUG_TOKEN", repr=False)
     encryption_key: str = Field("", validation_alias="ENCRYPTION_KEY", repr=False)
     trusted_networks: str = Field(
         "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7", validation_alias="TRUSTED_NETWORKS"
@@ -99,7 +122,8 @@ class Settings(BaseSettings):
     @field_validator("api_url", "openai_base_url", "events_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if value and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname):
+        parts = _split(value)
+        if value and (parts is None or parts.scheme not in ("http", "https") or not parts.hostname):
             raise ValueError("must be an http:// or https:// URL with a host, or empty for the built-in demo API")
         return value
 
@@ -124,7 +148,8 @@ class Settings(BaseSettings):
     def _store_scheme(cls, value: str) -> str:
         if value == "memory://" or (value.startswith("sqlite:///") and len(value) > len("sqlite:///")):
             return value
-        if value.startswith(("redis://", "rediss://")) and urlsplit(value).hostname:
+        parts = _split(value)
+        if value.startswith(("redis://", "rediss://")) and parts is not None and parts.hostname:
             return value
         raise ValueError("must be memory://, sqlite:///<path> or redis://host:port/db")
 
@@ -157,6 +182,14 @@ class Settings(BaseSettings):
     def _encryption_key(cls, value: str) -> str:
         if value:
             parse_keys(value)
+        return value
+
+    @field_validator("api_token", "openai_api_key", "capture_token")
+    @classmethod
+    def _header_value(cls, value: str) -> str:
+        """These go out in an Authorization header (CAPTURE_TOKEN from `simulate`): a CR or LF would add headers."""
+        if _CONTROL.search(value):
+            raise ValueError("must not contain CR, LF or other control characters (it is sent in an HTTP header)")
         return value
 
     @field_validator("trusted_networks")
@@ -199,8 +232,9 @@ class Settings(BaseSettings):
     @classmethod
     def _ami(cls, value: str) -> str:
         if value:
-            parts = urlsplit(value)
-            if parts.scheme != "ami" or not parts.hostname or not parts.username or parts.password is None:
+            parts = _split(value)
+            if (parts is None or parts.scheme != "ami" or not parts.hostname or not parts.username
+                    or parts.password is None):
                 raise ValueError("must look like ami://user:secret@host:5038, or be empty to disable")
         return value
 
@@ -216,14 +250,29 @@ class Settings(BaseSettings):
         return self.store_url.removeprefix("sqlite:///") if self.store_url.startswith("sqlite:///") else None
 
 
-def _setting_name(loc: str) -> str:
-    """The environment name(s) of the setting an error location points at."""
+# What an error may show of a value: nothing of a secret, a URL only without its credentials.
+SECRET_SETTINGS = frozenset(name for name, field in Settings.model_fields.items() if not field.repr)
+URL_SETTINGS = frozenset(name for name in Settings.model_fields if name.endswith("_url"))
+
+
+def _env_names(field: FieldInfo) -> list[str]:
+    alias = field.validation_alias
+    return [str(choice) for choice in alias.choices] if isinstance(alias, AliasChoices) else [str(alias)]
+
+
+def _described(loc: tuple[int | str, ...], given: object) -> str:
+    """`setting NAME (got 'value')` for an error at `loc`, the value shown only as far as it is no secret."""
+    if not loc:
+        return "settings"
     for name, field in Settings.model_fields.items():
-        alias = field.validation_alias
-        choices = [str(choice) for choice in alias.choices] if isinstance(alias, AliasChoices) else [str(alias)]
-        if loc in (name, *choices):
-            return choices[0] + "".join(f" (or {other})" for other in choices[1:])
-    return loc
+        names = _env_names(field)
+        if str(loc[0]) in (name, *names):
+            label = "setting " + names[0] + "".join(f" (or {other})" for other in names[1:])
+            if name in SECRET_SETTINGS:
+                return f"{label} (value hidden)"
+            shown = without_credentials(str(given)) if name in URL_SETTINGS else str(given)
+            return f"{label} (got {shown[:60]!r})"
+    return f"setting {loc[0]}"
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -232,8 +281,5 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
-        name = f"setting {_setting_name(str(first['loc'][0]))}" if first["loc"] else "settings"
-        given = first.get("input")
-        shown = "" if isinstance(given, dict) else f" (got {str(given)[:60]!r})"
         message = str(first["msg"]).removeprefix("Value error, ")
-        raise SettingsError(f"invalid {name}{shown}: {message}") from None
+        raise SettingsError(f"invalid {_described(first['loc'], first.get('input'))}: {message}") from None
