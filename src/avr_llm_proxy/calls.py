@@ -246,6 +246,21 @@ class CallRegistry:
             # or the store refused this one because its number was erased after the capture.
         raise NumberErased("the caller's number was erased after this capture")
 
+    async def capture(self, record: CallRecord, trusted: bool = False) -> CallRecord | None:
+        """A capture from a way anyone able to reach it may use (FastAGI, POST /call): it replaces a live
+        caller only with the token (`trusted`), or where it knew more or is more private (then None
+        when refused). avr-core's payload carries no presentation, and a withheld capture only removes
+        a number: neither can attach a false number to someone else's call."""
+        stored = await self.put(record) if trusted else await self.add(record)
+        if stored is not None:
+            return stored
+        if record.caller.presentation == "withheld":  # more private: it only takes a number away
+            return await self.put(record)
+        existing = await self.get(record.uuid)
+        if existing is not None and existing.caller.source == "avr-core" != record.caller.source:
+            return await self.put(record)  # knows more than avr-core's payload
+        return None
+
     async def add(self, record: CallRecord) -> CallRecord | None:
         """Record a caller unless the call already has a live record (then None)."""
         stored = await self._save(record, replace=False)

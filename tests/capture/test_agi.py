@@ -21,7 +21,7 @@ from avr_llm_proxy.capture.agi import (
     AgiReply,
     record_from_environment,
 )
-from avr_llm_proxy.simulate import play_call
+from avr_llm_proxy.simulate import play_call, register_caller
 
 from ..conftest import FIXTURES, closed_port, make_settings, running_api, running_proxy
 
@@ -194,6 +194,27 @@ async def test_given_uuid_is_kept(tmp_path: Path) -> None:
         assert commands[-1] == f'SET VARIABLE UUID "{call}"'
         reply = await play_call(proxy.url, call, ["hola"])
     assert "Juan" in reply[0].sentences[0]
+
+
+async def test_session_does_not_replace_a_live_caller(tmp_path: Path, logs) -> None:  # type: ignore[no-untyped-def]
+    """An AGI session naming a live call's UUID gets its UUID back but leaves the caller as /call recorded it."""
+    port, call = closed_port(), str(uuidlib.uuid4())
+    async with running_api() as api:
+        settings = make_settings(tmp_path, api_url=api.url, agi_listen=f"127.0.0.1:{port}", caller_wait_ms=0)
+        async with running_proxy(settings) as proxy:
+            first = await register_caller(proxy.url, call, "0991234567", "Ana", "5551000", "json")
+            assert first.status == 200
+            env = with_script(PJSIP, arg=call)  # the fixture's caller: +593987654321, Juan Perez
+            commands = await agi_session(port, env)
+            assert commands[-1] == f'SET VARIABLE UUID "{call}"'
+            await play_call(proxy.url, call, ["hola"])
+            withheld = await agi_session(port, with_script(PJSIP, arg=call), num_pres="prohib")
+            assert withheld[-1] == f'SET VARIABLE UUID "{call}"'
+            await play_call(proxy.url, call, ["sigo"])
+    assert [(p["caller_number"], p["caller_name"]) for p in api.received] == [
+        ("+593991234567", "Ana"), ("anonymous", None)]  # a withheld capture may take the number away
+    refused = [line for line in logs() if '"capture_refused"' in line]
+    assert len(refused) == 1 and call in refused[0] and "already_captured" in refused[0]
 
 
 async def test_uuid_is_given_only_once_the_capture_is_stored(tmp_path: Path) -> None:

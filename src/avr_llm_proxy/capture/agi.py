@@ -200,14 +200,19 @@ class _Session:
                 num_pres = "prohib"
         record = record_from_environment(env, uuid, num_pres, self.server.region)
         try:
-            stored = await self.server.registry.put(record)
+            # Anyone who reaches the port may open a session: a live caller is replaced only as /call
+            # without CAPTURE_TOKEN would replace it (SECURITY.md).
+            stored = await self.server.registry.capture(record)
         except StoreError as exc:  # the call still gets its UUID: the dialplan goes on, without a caller
             log.error("capture_not_stored", uuid=uuid, source="agi", reason=str(exc))
         else:
-            log.info(
-                "caller_captured", uuid=uuid, source="agi", caller_number=stored.caller.log_number,
-                presentation=stored.caller.presentation, channel=stored.channel,
-            )
+            if stored is None:
+                log.warning("capture_refused", uuid=uuid, source="agi", reason="already_captured")
+            else:
+                log.info(
+                    "caller_captured", uuid=uuid, source="agi", caller_number=stored.caller.log_number,
+                    presentation=stored.caller.presentation, channel=stored.channel,
+                )
         reply = await self.command(f"SET VARIABLE UUID {quote_agi(uuid)}")
         return "ok" if reply is not None and reply.code == 200 else "hangup"
 

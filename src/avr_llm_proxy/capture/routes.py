@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.types import Receive
 
 from ..access import Network, bearer, client_in, token_matches
-from ..calls import CallRecord, CallRegistry, NumberErased
+from ..calls import CallRegistry, NumberErased
 from ..lifecycle import EventError, Lifecycle, parse_event
 from ..observability import REJECTED
 from ..stores import StoreError
@@ -88,9 +88,7 @@ def capture_router(
         except CaptureError as exc:
             return refuse(exc.reason, exc.status)
         try:
-            stored = await registry.put(record) if with_token else await registry.add(record)
-            if stored is None and await _may_replace(registry, record):
-                stored = await registry.put(record)
+            stored = await registry.capture(record, trusted=with_token)
         except NumberErased as exc:
             log.warning("capture_not_stored", uuid=record.uuid, reason=str(exc))
             return refuse("number_erased", 409)
@@ -139,18 +137,6 @@ def capture_router(
         return JSONResponse({"status": "ok"})
 
     return router
-
-
-async def _may_replace(registry: CallRegistry, record: CallRecord) -> bool:
-    """A capture without the token may still replace one that knew less, or be more private.
-
-    avr-core's own payload carries no presentation, and a withheld caller's capture only removes a
-    number: neither can be used to attach a false number to someone else's call.
-    """
-    if record.caller.presentation == "withheld":
-        return True
-    existing = await registry.get(record.uuid)
-    return existing is not None and existing.caller.source == "avr-core" and record.caller.source != "avr-core"
 
 
 def _client(request: Request) -> str:
