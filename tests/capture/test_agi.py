@@ -332,3 +332,29 @@ async def test_500_concurrent_sessions(tmp_path: Path) -> None:
             assert [turns[0].sentences[0] for turns in heard] == [f"Hola {number}." for number, _ in pairs]
     by_call = {payload["conversation_id"]: payload["caller_number"] for payload in api.received}
     assert all(by_call[call] == number for number, call in pairs)
+
+
+async def test_frozen_redis_does_not_hold_the_call(tmp_path: Path, logs) -> None:  # type: ignore[no-untyped-def]
+    """A Redis that accepts and never answers: Asterisk gets its UUID at the store's deadline, not after
+    redis-py's retries (about 35 s), and the capture is logged as not stored."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def frozen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # reads nothing back, answers nothing
+        await reader.read(1 << 20)
+
+    redis = await asyncio.start_server(frozen, "127.0.0.1", 0)
+    port = closed_port()
+    try:
+        settings = make_settings(tmp_path, agi_listen=f"127.0.0.1:{port}",
+                                 store_url=f"redis://127.0.0.1:{redis.sockets[0].getsockname()[1]}/0",
+                                 encryption_key="MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=")
+        async with running_proxy(settings):
+            async with asyncio.timeout(10):  # a liveness bound, far from both 1 s and 35 s
+                commands = await agi_session(port, with_script(PJSIP))
+    finally:
+        for writer in held:
+            writer.close()
+        redis.close()
+    assert commands[-1].startswith("SET VARIABLE UUID ")
+    assert any('"capture_not_stored"' in line and "timed out" in line for line in logs())

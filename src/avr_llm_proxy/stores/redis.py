@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import redis.asyncio as aioredis
 import structlog
@@ -31,8 +31,10 @@ RECENT_SIZE = 1000
 MAX_CONNECTIONS = 64
 POOL_WAIT_S = 2.0
 # A Redis that accepts but stops answering must not keep a caller in silence: redis-py's own socket
-# timeout and retries could add up to several seconds, so a turn's read has one deadline of its own.
-READ_DEADLINE_S = 1.0
+# timeout and retries add up to about 35 s, so every operation has one deadline of its own (a write
+# that runs late in Redis still checks the erasure marks there: a timed-out capture cannot bring an
+# erased number back).
+DEADLINE_S = 1.0
 # Writes are Lua scripts: each value is written with its indexes (the tag erasure finds it by, the
 # recent-calls list) and its news in one step, so no record is ever in Redis without its tag. KEYS:
 # the value, its tag's set, the recent-calls index; ARGV[4..8]: the key, its expiry (the index's
@@ -114,6 +116,18 @@ def _text(value: object) -> str:
     return value.decode("ascii", errors="replace") if isinstance(value, bytes) else str(value)
 
 
+@contextlib.asynccontextmanager
+async def _answered(operation: str) -> AsyncIterator[None]:
+    """One operation within DEADLINE_S, its failures as a StoreError that names it."""
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            yield
+    except TimeoutError:
+        raise StoreError(f"Redis {operation} timed out after {DEADLINE_S:g} s") from None
+    except (RedisError, OSError) as exc:
+        raise StoreError(f"Redis {operation} failed: {type(exc).__name__}: {exc}") from exc
+
+
 class RedisStore:
     # Waiters are woken by pub/sub; the poll is only a safety net for a lost message.
     poll_interval: float | None = 0.5
@@ -147,67 +161,50 @@ class RedisStore:
     async def put(self, key: str, value: bytes, expires_at: float, tag: str | None = None, replace: bool = True,
                   born: float | None = None) -> bool:
         ttl_ms = max(1, int((expires_at - time.time()) * 1000))
-        try:
+        async with _answered("write"):
             stored = await self._put(keys=self._written(key, tag), args=[
                 value, ttl_ms, "" if replace else "1", *self._indexing(key, expires_at, tag, True),
                 "" if tag is None or born is None else born])
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis write failed: {type(exc).__name__}: {exc}") from exc
         return bool(stored)
 
     async def swap(self, key: str, expected: bytes, value: bytes, expires_at: float | None, tag: str | None = None,
                    notify: bool = True) -> bool:
         ttl_ms = "" if expires_at is None else max(1, int((expires_at - time.time()) * 1000))
-        try:
+        async with _answered("write"):
             swapped = await self._swap(keys=self._written(key, tag), args=[
                 expected, value, ttl_ms, *self._indexing(key, expires_at or 0.0, tag, notify)])
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis write failed: {type(exc).__name__}: {exc}") from exc
         return bool(swapped)
 
     def stamp(self, key: str) -> bytes | None:
         return None  # every turn reads: a replica's write is seen at once, whatever its pub/sub connection
 
     async def get(self, key: str) -> bytes | None:
-        try:
-            async with asyncio.timeout(READ_DEADLINE_S):
-                value = await self._client.get(PREFIX + "call:" + key)
-        except TimeoutError:
-            raise StoreError(f"Redis read timed out after {READ_DEADLINE_S:g} s") from None
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis read failed: {type(exc).__name__}: {exc}") from exc
+        async with _answered("read"):
+            value = await self._client.get(PREFIX + "call:" + key)
         return None if value is None else _bytes(value)
 
     async def delete(self, key: str) -> bool:
-        try:
+        async with _answered("delete"):
             deleted = bool(await self._client.delete(PREFIX + "call:" + key))
             await self._client.publish(CHANNEL, "-" + key)
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis delete failed: {type(exc).__name__}: {exc}") from exc
         return deleted
 
     async def delete_tagged(self, tag: str) -> int:
-        try:
+        async with _answered("erase"):
             deleted = await self._erase(keys=[PREFIX + "tag:" + tag, PREFIX + "erased:" + tag, RECENT], args=[
                 time.time(), ERASURE_KEPT_S * 1000, PREFIX + "call:", CHANNEL, TAG_ERASED + tag])
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis erase failed: {type(exc).__name__}: {exc}") from exc
         return int(deleted)
 
     async def recent(self, limit: int) -> list[bytes]:
-        try:
+        async with _answered("read"):
             keys = [_text(member) for member in await self._client.zrevrange(RECENT, 0, limit - 1)]
             values = await self._client.mget([PREFIX + "call:" + key for key in keys]) if keys else []
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis read failed: {type(exc).__name__}: {exc}") from exc
         return [_bytes(value) for value in values if value is not None]
 
     async def purge_expired(self, now: float) -> int:
         """Redis expires call keys itself; only the recent-calls index needs trimming."""
-        try:
+        async with _answered("purge"):
             return int(await self._client.zremrangebyscore(RECENT, "-inf", now))
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis purge failed: {type(exc).__name__}: {exc}") from exc
 
     async def ping(self) -> None:
         try:
