@@ -19,6 +19,7 @@ from aiohttp import web
 
 from avr_llm_proxy.app import create_app
 from avr_llm_proxy.config import Settings
+from avr_llm_proxy.http_protocol import BoundedHttpToolsProtocol
 from avr_llm_proxy.observability import logging_processors
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -114,7 +115,8 @@ async def running_proxy(settings: Settings, bind: tuple[str, int] = ("127.0.0.1"
     """The real app served by uvicorn on a loopback port, for tests that need real HTTP framing."""
     sock = _listening_socket(bind)
     server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), log_level="warning", access_log=False, lifespan="on", http="httptools")
+        uvicorn.Config(create_app(settings), log_level="warning", access_log=False, lifespan="on",
+                      http=BoundedHttpToolsProtocol)
     )
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:

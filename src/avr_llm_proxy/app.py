@@ -37,7 +37,6 @@ from .upstream import Deadlines, HttpUpstream, Upstream
 log = structlog.get_logger("avr_llm_proxy.app")
 
 MAINTENANCE_INTERVAL_S = 60.0
-MAX_HEADER_BYTES = 32 * 1024
 
 
 def choose_upstream(settings: Settings) -> Upstream:
@@ -240,12 +239,6 @@ class PromptStreamRoute:
         self.max_body = max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
-            # The HTTP parser (httptools) sets no cap of its own on header size.
-            log.warning("request_refused", reason="headers_too_large", path=scope["path"][:64])
-            await send({"type": "http.response.start", "status": 431, "headers": [(b"content-type", b"text/plain")]})
-            await send({"type": "http.response.body", "body": b"request headers too large"})
-            return
         if scope["type"] != "http" or scope["path"].rstrip("/") != "/prompt-stream" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return

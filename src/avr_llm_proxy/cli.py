@@ -40,6 +40,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app, keys_for
+    from .http_protocol import BoundedHttpToolsProtocol
     from .observability import configure_logging, metrics_shared_by_workers
 
     settings = _settings(host=args.host, port=args.port)
@@ -69,7 +70,7 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("hash_key_ephemeral", reason=keys.note)
     options: dict[str, Any] = {
         "host": settings.host, "port": settings.port, "access_log": False, "log_level": "warning",
-        "http": "httptools", "loop": "uvloop" if sys.platform != "win32" else "asyncio",
+        "http": BoundedHttpToolsProtocol, "loop": "uvloop" if sys.platform != "win32" else "asyncio",
         # Longer than avr-core's (Node's) keep-alive, so a reused connection is never closed under it.
         "timeout_keep_alive": 75,
         # The proxy decides who is local (/debug) from the socket, never from X-Forwarded-For.
