@@ -203,3 +203,11 @@ def clean_environ(**extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key not in SETTING_NAMES}
     env.update(extra)
     return env
+
+
+async def wait_for(condition: Callable[[], bool], limit: float = 10.0) -> None:
+    """Until `condition()` holds, polled; fails after `limit` seconds."""
+    deadline = asyncio.get_running_loop().time() + limit
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)

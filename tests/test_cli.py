@@ -176,3 +176,26 @@ def test_unusable_store_stops_startup(tmp_path: Path) -> None:
     result = run(["serve"], tmp_path, STORE_URL="sqlite:////proc/nonexistent/calls.db")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "invalid setting STORE_URL" in result.stderr
+
+
+def test_serve_raises_its_open_files_limit(tmp_path: Path) -> None:
+    """Started with a soft limit of 256 open files, serve takes the hard limit (8192) as its own."""
+    port = closed_port()
+    process = subprocess.Popen(["prlimit", "--nofile=256:8192", *COMMAND, "serve", "--port", str(port)],
+                               cwd=tmp_path, env=clean_environ(CALLERID_DIR=str(tmp_path), AGI_LISTEN=""),
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).close()
+                break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline, "serve did not start"
+                time.sleep(0.1)
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    assert line.split()[3:5] == ["8192", "8192"], line

@@ -68,6 +68,7 @@ def serve(args: argparse.Namespace) -> int:
                     hint="back it up; replicas sharing a store need the same ENCRYPTION_KEY")
     if keys.note:
         log.warning("hash_key_ephemeral", reason=keys.note)
+    _raise_fd_limit(log)
     options: dict[str, Any] = {
         "host": settings.host, "port": settings.port, "access_log": False, "log_level": "warning",
         "http": BoundedHttpToolsProtocol, "loop": "uvloop" if sys.platform != "win32" else "asyncio",
@@ -84,6 +85,23 @@ def serve(args: argparse.Namespace) -> int:
     else:
         uvicorn.run(create_app(settings, keys), **options)
     return 0
+
+
+def _raise_fd_limit(log: Any) -> None:
+    """Take the open-files hard limit as the soft one: every call holds sockets (AudioSocket turns, AGI,
+    the business API), and a soft limit of 1,024 was reached by 1,100 held connections."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("fd_limit_not_raised", soft=soft, hard=hard, reason=str(exc))
+        return
+    log.info("fd_limit_raised", soft=wanted, was=soft)
 
 
 def simulate(args: argparse.Namespace) -> int:

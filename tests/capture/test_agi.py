@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sqlite3
 import uuid as uuidlib
@@ -13,17 +14,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from avr_llm_proxy.calls import CallRegistry
 from avr_llm_proxy.capture.agi import (
     AgiEnvironment,
     AgiHangup,
     AgiParser,
     AgiProtocolError,
     AgiReply,
+    FastAgiServer,
     record_from_environment,
 )
 from avr_llm_proxy.simulate import play_call, register_caller
+from avr_llm_proxy.stores.memory import MemoryStore
 
-from ..conftest import FIXTURES, closed_port, make_settings, running_api, running_proxy
+from ..conftest import FIXTURES, closed_port, make_settings, running_api, running_proxy, wait_for
 
 LOCAL = (FIXTURES / "agi-env-local.txt").read_bytes()
 PJSIP = (FIXTURES / "agi-env-pjsip.txt").read_bytes()
@@ -358,3 +362,53 @@ async def test_frozen_redis_does_not_hold_the_call(tmp_path: Path, logs) -> None
         redis.close()
     assert commands[-1].startswith("SET VARIABLE UUID ")
     assert any('"capture_not_stored"' in line and "timed out" in line for line in logs())
+
+
+async def test_trickling_session_is_cut_at_its_deadline(logs) -> None:  # type: ignore[no-untyped-def]
+    """A peer sending a byte now and then, never idle long enough for the idle timeout, is closed at the
+    whole-session deadline."""
+    server = FastAgiServer(CallRegistry(MemoryStore(), 3600), "127.0.0.1:0", "EC", idle_timeout=5.0,
+                           session_deadline=1.0)
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        sent = 0
+        async with asyncio.timeout(20):  # a liveness bound: the deadline is 1 s, the idle timeout 5 s
+            while not reader.at_eof():
+                with contextlib.suppress(ConnectionError):
+                    writer.write(b"a")
+                    await writer.drain()
+                    sent += 1
+                with contextlib.suppress(TimeoutError, ConnectionError):
+                    async with asyncio.timeout(0.3):
+                        await reader.read(1)
+        writer.close()
+    finally:
+        await server.close()
+    assert sent >= 2  # it was kept busy below the idle timeout, then cut
+    assert any('"agi_session_ended"' in line and "session_timeout" in line for line in logs())
+
+
+async def test_sessions_past_the_cap_are_closed_at_once(logs) -> None:  # type: ignore[no-untyped-def]
+    """With the cap reached, a new connection is closed at once (one log line), and a session that ends
+    makes room for the next."""
+    server = FastAgiServer(CallRegistry(MemoryStore(), 3600), "127.0.0.1:0", "EC", max_sessions=2)
+    await server.start()
+    held = []
+    try:
+        for _ in range(2):
+            held.append(await asyncio.open_connection("127.0.0.1", server.port))
+            await held[-1][1].drain()
+        await wait_for(lambda: server._sessions == 2)  # both accepted by the server
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed without a word
+        writer.close()
+        held.pop()[1].close()
+        await wait_for(lambda: server._sessions == 1)
+        commands = await agi_session(server.port, with_script(PJSIP))
+        assert commands[-1].startswith("SET VARIABLE UUID ")
+    finally:
+        for _, other in held:
+            other.close()
+        await server.close()
+    assert len([line for line in logs() if '"agi_session_refused"' in line]) == 1

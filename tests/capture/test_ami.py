@@ -31,7 +31,7 @@ from avr_llm_proxy.identity import parse_caller
 from avr_llm_proxy.simulate import http_request, play_call
 from avr_llm_proxy.stores.memory import MemoryStore
 
-from ..conftest import FIXTURES, clean_environ, closed_port, make_settings, running_api, running_proxy
+from ..conftest import FIXTURES, clean_environ, closed_port, make_settings, running_api, running_proxy, wait_for
 
 BANNER = b"Asterisk Call Manager/11.0.0\r\n"
 EVENTS_LF = (FIXTURES / "ami-local-call.txt").read_bytes()
@@ -372,13 +372,6 @@ async def fake_manager(manager: FakeManager) -> AsyncIterator[FakeManager]:
     manager.port = server.sockets[0].getsockname()[1]
     async with server:
         yield manager
-
-
-async def wait_for(condition: object, limit: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + limit
-    while not condition():  # type: ignore[operator]
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def caller_of(proxy_url: str, call: str) -> str:

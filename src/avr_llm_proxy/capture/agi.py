@@ -217,15 +217,26 @@ class _Session:
         return "ok" if reply is not None and reply.code == 200 else "hangup"
 
 
+# Asterisk's session takes milliseconds; a peer trickling bytes is cut off at the deadline, and past
+# the cap new sessions are closed at once instead of holding a socket (and its buffers) each.
+SESSION_DEADLINE_S = 10.0
+MAX_SESSIONS = 512
+
+
 class FastAgiServer:
     """The asyncio FastAGI server `serve` runs on `AGI_LISTEN`."""
 
-    def __init__(self, registry: CallRegistry, listen: str, region: str, idle_timeout: float = 5.0) -> None:
+    def __init__(self, registry: CallRegistry, listen: str, region: str, idle_timeout: float = 5.0,
+                 session_deadline: float = SESSION_DEADLINE_S, max_sessions: int = MAX_SESSIONS) -> None:
         self.registry = registry
         host, _, port = listen.rpartition(":")
         self.host, self.port = host.strip("[]"), int(port)
         self.region = region
         self.idle_timeout = idle_timeout
+        self.session_deadline = session_deadline
+        self.max_sessions = max_sessions
+        self._sessions = 0
+        self._refused_logged_at = 0.0
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -242,12 +253,33 @@ class FastAgiServer:
             await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._sessions >= self.max_sessions:
+            self._refuse(writer)
+            return
+        self._sessions += 1
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._sessions -= 1
+
+    def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        """Past the session cap: closed at once, so sockets held open elsewhere cannot exhaust the fds."""
+        writer.close()
+        AGI_SESSIONS.labels(outcome="refused_busy").inc()
+        now = time.monotonic()
+        if now - self._refused_logged_at >= 1.0:  # one line a second, however many are refused
+            self._refused_logged_at = now
+            log.warning("agi_session_refused", reason="too_many_sessions", limit=self.max_sessions)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         started = time.perf_counter()
         session = _Session(self, reader, writer)
+        deadline = asyncio.timeout(self.session_deadline)
         try:
-            outcome = await session.run()
+            async with deadline:  # a whole session, however slowly its bytes trickle in
+                outcome = await session.run()
         except TimeoutError:
-            outcome = "idle_timeout"
+            outcome = "session_timeout" if deadline.expired() else "idle_timeout"
         except AgiProtocolError as exc:
             outcome = "protocol_error"
             log.warning("agi_protocol_error", reason=str(exc))
