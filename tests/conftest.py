@@ -7,6 +7,9 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
+import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,3 +214,17 @@ async def wait_for(condition: Callable[[], bool], limit: float = 10.0) -> None:
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
+
+
+def wait_healthy(url: str, process: subprocess.Popen[Any], log_path: Path | None = None) -> None:
+    """Until the `serve` process at `url` answers /healthz; fails, with its log, if it exits or takes 30 s."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/healthz", timeout=1).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                log = log_path.read_text() if log_path is not None else ""
+                raise AssertionError(f"serve did not start: {log}") from None
+            time.sleep(0.1)  # poll interval

@@ -17,7 +17,7 @@ import pytest
 
 from avr_llm_proxy.simulate import play_call, register_caller
 
-from .conftest import clean_environ, closed_port
+from .conftest import clean_environ, closed_port, wait_healthy
 
 COMMAND = [sys.executable, "-m", "avr_llm_proxy"]
 
@@ -41,15 +41,7 @@ def served(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
                                    stderr=log_file)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/healthz", timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"serve did not start: {log_path.read_text()}") from None
-                time.sleep(0.1)
+        wait_healthy(url, process, log_path)
         yield url
     finally:
         process.terminate()
@@ -185,14 +177,7 @@ def test_serve_raises_its_open_files_limit(tmp_path: Path) -> None:
                                cwd=tmp_path, env=clean_environ(CALLERID_DIR=str(tmp_path), AGI_LISTEN=""),
                                stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).close()
-                break
-            except OSError:
-                assert process.poll() is None and time.monotonic() < deadline, "serve did not start"
-                time.sleep(0.1)
+        wait_healthy(f"http://127.0.0.1:{port}", process)
         limits = Path(f"/proc/{process.pid}/limits").read_text()
     finally:
         process.terminate()

@@ -6,8 +6,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +16,7 @@ from pydantic import AliasChoices
 from avr_llm_proxy.config import Settings
 from avr_llm_proxy.simulate import proxy_url
 
-from .conftest import clean_environ
+from .conftest import clean_environ, wait_healthy
 
 COMMAND = [str(Path(sys.executable).with_name("avr-llm-proxy"))]
 TOKEN = "capture-token-for-tests-0123"
@@ -59,15 +57,7 @@ def serving(cwd: Path, health_url: str, *args: str, **env: str) -> Iterator[Path
     with log_path.open("w") as log_file:
         process = subprocess.Popen([*COMMAND, "serve", *args], cwd=cwd, env=environ(**env), stderr=log_file)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{health_url}/healthz", timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"serve did not start: {log_path.read_text()}") from None
-                time.sleep(0.1)  # poll interval
+        wait_healthy(health_url, process, log_path)
         yield log_path
     finally:
         process.terminate()
