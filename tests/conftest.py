@@ -216,15 +216,24 @@ async def wait_for(condition: Callable[[], bool], limit: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-def wait_healthy(url: str, process: subprocess.Popen[Any], log_path: Path | None = None) -> None:
-    """Until the `serve` process at `url` answers /healthz; fails, with its log, if it exits or takes 30 s."""
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/healthz", timeout=1).close()
-            return
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                log = log_path.read_text() if log_path is not None else ""
-                raise AssertionError(f"serve did not start: {log}") from None
-            time.sleep(0.1)  # poll interval
+@contextlib.contextmanager
+def serve_process(command: list[str], cwd: Path, env: dict[str, str], url: str) -> Iterator[subprocess.Popen[Any]]:
+    """`command` (an `avr-llm-proxy serve`) run in `cwd` with its stderr in `cwd/serve.log`, once it
+    answers /healthz at `url`; fails, with that log, if it exits or takes 30 s. Stopped on the way out."""
+    log_path = cwd / "serve.log"
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stderr=log_file)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/healthz", timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"serve did not start: {log_path.read_text()}") from None
+                time.sleep(0.1)  # poll interval
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=20)

@@ -17,7 +17,7 @@ import pytest
 
 from avr_llm_proxy.simulate import play_call, register_caller
 
-from .conftest import clean_environ, closed_port, wait_healthy
+from .conftest import clean_environ, closed_port, serve_process
 
 COMMAND = [sys.executable, "-m", "avr_llm_proxy"]
 
@@ -32,20 +32,12 @@ def served(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     """`avr-llm-proxy serve` on its embedded defaults (SQLite in the working directory, demo API)."""
     port = closed_port()
     extra = getattr(request, "param", [])
-    log_path = tmp_path / "serve.log"
     scratch = tmp_path / "tmp"  # serve's temporary files (the workers' metrics): nothing may stay
     scratch.mkdir()
-    with log_path.open("w") as log_file:
-        process = subprocess.Popen([*COMMAND, "serve", "--port", str(port), *extra], cwd=tmp_path,
-                                   env=clean_environ(CALLERID_DIR=str(tmp_path), AGI_LISTEN="", TMPDIR=str(scratch)),
-                                   stderr=log_file)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process, log_path)
+    with serve_process([*COMMAND, "serve", "--port", str(port), *extra], tmp_path,
+                       clean_environ(CALLERID_DIR=str(tmp_path), AGI_LISTEN="", TMPDIR=str(scratch)), url):
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
     assert list(scratch.iterdir()) == []
 
 
@@ -173,14 +165,8 @@ def test_unusable_store_stops_startup(tmp_path: Path) -> None:
 def test_serve_raises_its_open_files_limit(tmp_path: Path) -> None:
     """Started with a soft limit of 256 open files, serve takes the hard limit (8192) as its own."""
     port = closed_port()
-    process = subprocess.Popen(["prlimit", "--nofile=256:8192", *COMMAND, "serve", "--port", str(port)],
-                               cwd=tmp_path, env=clean_environ(CALLERID_DIR=str(tmp_path), AGI_LISTEN=""),
-                               stderr=subprocess.DEVNULL)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", process)
+    with serve_process(["prlimit", "--nofile=256:8192", *COMMAND, "serve", "--port", str(port)], tmp_path,
+                       clean_environ(CALLERID_DIR=str(tmp_path), AGI_LISTEN=""), f"http://127.0.0.1:{port}") as process:
         limits = Path(f"/proc/{process.pid}/limits").read_text()
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
     line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
     assert line.split()[3:5] == ["8192", "8192"], line

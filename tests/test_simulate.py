@@ -16,7 +16,7 @@ from pydantic import AliasChoices
 from avr_llm_proxy.config import Settings
 from avr_llm_proxy.simulate import proxy_url
 
-from .conftest import clean_environ, wait_healthy
+from .conftest import clean_environ, serve_process
 
 COMMAND = [str(Path(sys.executable).with_name("avr-llm-proxy"))]
 TOKEN = "capture-token-for-tests-0123"
@@ -53,15 +53,8 @@ def write_env_file(cwd: Path, **settings: str) -> None:
 @contextmanager
 def serving(cwd: Path, health_url: str, *args: str, **env: str) -> Iterator[Path]:
     """`avr-llm-proxy serve` in `cwd` (where its .env is); yields the path of its log once it answers."""
-    log_path = cwd / "serve.log"
-    with log_path.open("w") as log_file:
-        process = subprocess.Popen([*COMMAND, "serve", *args], cwd=cwd, env=environ(**env), stderr=log_file)
-    try:
-        wait_healthy(health_url, process, log_path)
-        yield log_path
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+    with serve_process([*COMMAND, "serve", *args], cwd, environ(**env), health_url):
+        yield cwd / "serve.log"
 
 
 def simulate(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
