@@ -161,7 +161,7 @@ class CallTracker:
         if event == "hangup":
             self._forget(name)
             return []
-        channel = self._update(name, message)
+        channel = self._update(name, event, message)
         uuid = _audiosocket_step(event, message)
         if uuid is None or uuid in self._captured:
             return []
@@ -174,7 +174,7 @@ class CallTracker:
         return [AmiCapture(uuid, channel.name, channel.number, channel.caller_name, channel.presentation, called,
                            channel.uniqueid)]
 
-    def _update(self, name: str, message: AmiMessage) -> _Channel:
+    def _update(self, name: str, event: str, message: AmiMessage) -> _Channel:
         channel = self._channels.pop(name, None) or _Channel(name)
         self._channels[name] = channel
         if len(self._channels) > self._max_channels:
@@ -189,7 +189,7 @@ class CallTracker:
             channel.caller_name = _unescape(_known(message.value("calleridname")))
         if "cid-callingpres" in message:
             channel.presentation = message.value("cid-callingpres")
-        if not channel.exten and message.value("event").lower() == "newchannel":
+        if not channel.exten and event == "newchannel":
             channel.exten = sanitize_raw(message.value("exten"))
         if channel.linkedid:
             self._inbound.setdefault(channel.linkedid, name)
