@@ -22,7 +22,7 @@ from aiohttp import web
 
 from avr_llm_proxy.app import create_app
 from avr_llm_proxy.config import Settings
-from avr_llm_proxy.http_protocol import BoundedHttpToolsProtocol
+from avr_llm_proxy.http_protocol import listener_options
 from avr_llm_proxy.observability import logging_processors
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -76,6 +76,14 @@ def logs() -> Callable[[], list[str]]:
     return lambda: LOG_LINES[start:]
 
 
+def rss() -> int:
+    """This process's resident memory now, in bytes (the proxy or server under test runs in it)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
 def avr_requests() -> list[dict[str, Any]]:
     """Every request the real avr-core 1.4.1 sent (llm-requests.jsonl)."""
     lines = (FIXTURES / "llm-requests.jsonl").read_text(encoding="utf-8").splitlines()
@@ -118,8 +126,7 @@ async def running_proxy(settings: Settings, bind: tuple[str, int] = ("127.0.0.1"
     """The real app served by uvicorn on a loopback port, for tests that need real HTTP framing."""
     sock = _listening_socket(bind)
     server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), log_level="warning", access_log=False, lifespan="on",
-                      http=BoundedHttpToolsProtocol)
+        uvicorn.Config(create_app(settings), log_level="warning", lifespan="on", **listener_options())
     )
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:

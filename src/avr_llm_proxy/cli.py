@@ -40,7 +40,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app, keys_for
-    from .http_protocol import BoundedHttpToolsProtocol
+    from .http_protocol import listener_options
     from .observability import configure_logging, metrics_shared_by_workers
 
     settings = _settings(host=args.host, port=args.port)
@@ -70,14 +70,8 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("hash_key_ephemeral", reason=keys.note)
     _raise_fd_limit(log)
     options: dict[str, Any] = {
-        "host": settings.host, "port": settings.port, "access_log": False, "log_level": "warning",
-        "http": BoundedHttpToolsProtocol, "loop": "uvloop" if sys.platform != "win32" else "asyncio",
-        # Longer than avr-core's (Node's) keep-alive, so a reused connection is never closed under it.
-        "timeout_keep_alive": 75,
-        # The proxy decides who is local (/debug) from the socket, never from X-Forwarded-For.
-        "proxy_headers": False,
-        "server_header": False,  # nothing to gain from naming the server software to every client
-        "log_config": None,  # uvicorn's own lines go through our chain (numbers redacted)
+        "host": settings.host, "port": settings.port, "log_level": "warning",
+        "loop": "uvloop" if sys.platform != "win32" else "asyncio", **listener_options(),
     }
     if args.workers > 1:
         with metrics_shared_by_workers():

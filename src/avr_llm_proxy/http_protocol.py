@@ -1,17 +1,21 @@
-"""The HTTP listener's protocol: uvicorn's httptools protocol with a cap on each request's head.
+"""The HTTP listener: uvicorn's httptools protocol with bounds on each request's head and read time.
 
 httptools sets no limit of its own: uvicorn keeps every header line it is given, and httptools joins
 the pieces of a header that never ends, so one connection sending header lines for ever grew the
-process by 500 MB in 1.5 s. Here the head is counted while it is parsed, and a request whose head
-passes the cap is answered 400 and its connection closed at once.
+process by 500 MB in 1.5 s. Nor does uvicorn time a request that is still arriving: a client sending
+half a head, or half a body, held its socket for as long as it liked. Here the head is counted while
+it is parsed, and both the head and the body must arrive within READ_TIMEOUT_S.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import structlog
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .observability import REJECTED, LogThrottle
 
 log = structlog.get_logger("avr_llm_proxy.http_protocol")
 
@@ -19,11 +23,35 @@ MAX_HEAD_BYTES = 32 * 1024  # the request line and headers, as parsed
 # Raw bytes read while a head is still incomplete: a read may also hold the start of the body (up to
 # asyncio's 256 KiB per read), so this bound only stops a header that never ends.
 MAX_RAW_HEAD_BYTES = 256 * 1024 + MAX_HEAD_BYTES
+# A request's head must arrive within this of the connection's opening (or of its first byte, on a
+# kept-alive connection), and its body within this of the head. avr-core and CURL() take milliseconds.
+READ_TIMEOUT_S = 10.0
+# Connections (and running requests) per process; past it a request is answered 503 at once.
+MAX_CONNECTIONS = 4096
+KEEP_ALIVE_S = 75  # longer than avr-core's (Node's) keep-alive, so a reused connection is never closed under it
 
 
-_BODY = b"request headers too large"
-_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\n"
-              b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_BODY), _BODY))
+def _answer(status: bytes, body: bytes) -> bytes:
+    return (b"HTTP/1.1 %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (status, len(body), body))
+
+
+_TOO_LARGE = _answer(b"431 Request Header Fields Too Large", b"request headers too large")
+_TIMED_OUT = _answer(b"408 Request Timeout", b"request not received in time")
+
+
+def listener_options() -> dict[str, Any]:
+    """uvicorn's options for the proxy's HTTP listener, the same for `serve` and the tests."""
+    return {
+        "http": BoundedHttpToolsProtocol,
+        "timeout_keep_alive": KEEP_ALIVE_S,
+        "limit_concurrency": MAX_CONNECTIONS,
+        "access_log": False,
+        # The proxy decides who is local (/debug) from the socket, never from X-Forwarded-For.
+        "proxy_headers": False,
+        "server_header": False,  # nothing to gain from naming the server software to every client
+        "log_config": None,  # uvicorn's own lines go through our chain (numbers redacted)
+    }
 
 
 class HeadTooLarge(Exception):
@@ -31,11 +59,13 @@ class HeadTooLarge(Exception):
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """httptools, with each request's head counted as it arrives.
+    """httptools, with each request's head counted as it arrives and its reading timed.
 
     A callback's exception comes out of httptools as a parser error, which uvicorn answers with 400
     and a closed connection: that answer is the one place where the reason is said.
     """
+
+    refused_log = LogThrottle()  # one line a second for all connections: a flood must not flood the log
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -43,6 +73,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._raw_head_bytes = 0
         self._in_head = True
         self._too_large = False
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._begun = False  # a byte of the current request has been parsed
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._time_read()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_read_timer()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
@@ -55,7 +95,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._head_bytes, self._in_head = 0, True
+        self._head_bytes, self._in_head, self._begun = 0, True, True
+        if self._read_timer is None:  # a kept-alive connection's next request
+            self._time_read()
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))
@@ -68,16 +110,42 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head, self._raw_head_bytes = False, 0
         super().on_headers_complete()
+        self._stop_read_timer()
+        self._time_read()  # now for the body
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self._in_head = True
+        self._stop_read_timer()
+        self._in_head, self._begun = True, False
 
     def _count(self, size: int) -> None:
         self._head_bytes += size
         if self._head_bytes > MAX_HEAD_BYTES:
             self._too_large = True
             raise HeadTooLarge
+
+    def _time_read(self) -> None:
+        self._read_timer = self.loop.call_later(READ_TIMEOUT_S, self._read_timed_out)
+
+    def _stop_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_timed_out(self) -> None:
+        """The head or body is late: 408 and a closed connection; an idle new connection just closes."""
+        self._read_timer = None
+        if self.transport.is_closing():
+            return
+        if self.flow.read_paused:  # uvicorn stopped reading (a pipelined request waits its turn): not late
+            self._time_read()
+            return
+        if self._begun:
+            phase = "head" if self._in_head else "body"
+            if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
+                self.transport.write(_TIMED_OUT)
+            self._log_refused(f"{phase}_timeout", timeout_s=READ_TIMEOUT_S)
+        self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a parse error; for a head past the cap, 431 with the reason instead."""
@@ -86,6 +154,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if not self._too_large:
             super().send_400_response(msg)
             return
-        log.warning("request_refused", reason="headers_too_large", limit_bytes=MAX_HEAD_BYTES)
+        self._log_refused("headers_too_large", limit_bytes=MAX_HEAD_BYTES)
         self.transport.write(_TOO_LARGE)
         self.transport.close()
+
+    def _log_refused(self, reason: str, **fields: Any) -> None:
+        REJECTED.labels(endpoint="http", reason=reason).inc()
+        if (extra := self.refused_log.allow()) is not None:
+            log.warning("request_refused", reason=reason, **fields, **extra)

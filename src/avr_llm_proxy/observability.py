@@ -9,6 +9,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,26 @@ FIRST_SENTENCE = Histogram(
 )
 EVENTS = Counter("avr_llm_proxy_call_events", "avr-core webhook events received, by type", ["type"])
 ACTIVE_TURNS = Gauge("avr_llm_proxy_active_turns", "Turns in progress", multiprocess_mode="livesum")
+
+
+
+class LogThrottle:
+    """At most one line per interval for an event any peer can repeat at will (a refused connection):
+    `allow()` is None while quiet, else the fields to add to the line (how many were skipped)."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self._next = 0.0
+        self._skipped = 0
+
+    def allow(self) -> dict[str, int] | None:
+        now = time.monotonic()
+        if now < self._next:
+            self._skipped += 1
+            return None
+        skipped, self._skipped, self._next = self._skipped, 0, now + self.interval_s
+        return {"similar_skipped": skipped} if skipped else {}
+
 
 # prometheus_client's switch to per-process metric files, read by every process that imports it.
 SHARED_METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"

@@ -27,7 +27,7 @@ from avr_llm_proxy.capture.agi import (
 from avr_llm_proxy.simulate import play_call, register_caller
 from avr_llm_proxy.stores.memory import MemoryStore
 
-from ..conftest import FIXTURES, closed_port, make_settings, running_api, running_proxy, wait_for
+from ..conftest import FIXTURES, closed_port, make_settings, rss, running_api, running_proxy, wait_for
 
 LOCAL = (FIXTURES / "agi-env-local.txt").read_bytes()
 PJSIP = (FIXTURES / "agi-env-pjsip.txt").read_bytes()
@@ -84,6 +84,9 @@ def test_limits() -> None:
         AgiParser().feed(b"agi_callerid: " + b"9" * 10_000)
     with pytest.raises(AgiProtocolError):
         AgiParser().feed(b"".join(b"agi_x%d: 1\n" % index for index in range(300)))
+    with pytest.raises(AgiProtocolError):  # lines each under both caps, 40 KiB in all
+        AgiParser().feed(b"".join(b"agi_x%d: %s\n" % (index, b"9" * 4000) for index in range(10)))
+    assert environment(edited(PJSIP, arg_1="9" * 4000, arg_2="9" * 4000)).values["agi_arg_2"] == "9" * 4000
 
 
 @given(st.binary(max_size=3000))
@@ -412,3 +415,64 @@ async def test_sessions_past_the_cap_are_closed_at_once(logs) -> None:  # type: 
             other.close()
         await server.close()
     assert len([line for line in logs() if '"agi_session_refused"' in line]) == 1
+
+
+async def test_500_half_sent_environments_hold_bounded_memory() -> None:
+    """500 peers each sending environment lines as long as allowed and never the blank line: each is cut
+    at the environment cap, so together they hold megabytes, not the 2 MiB each that 256 long lines are."""
+    server = FastAgiServer(CallRegistry(MemoryStore(), 3600), "127.0.0.1:0", "EC")
+    await server.start()
+    line = b"agi_x: " + b"9" * 8000 + b"\n"
+    held, sent = [], 0
+    before = rss()
+    try:
+        for index in range(500):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            held.append(writer)
+            with contextlib.suppress(ConnectionError):
+                for _ in range(256):
+                    writer.write(line.replace(b"agi_x", b"agi_x%d" % index))
+                    await writer.drain()
+                    sent += len(line)
+                    with contextlib.suppress(TimeoutError):
+                        if await asyncio.wait_for(reader.read(1), 0.001) == b"":
+                            break  # the server closed it
+        grown = rss() - before
+    finally:
+        for writer in held:
+            writer.close()
+        await wait_for(lambda: server._sessions == 0)
+        await server.close()
+    assert grown < 64 * 1024 * 1024, f"the process grew {grown} bytes"
+    assert sent < 500 * 64 * 1024  # the server closed each early; on its own the client would send 1 GB
+
+
+async def test_2000_trickling_sessions_are_all_closed() -> None:
+    """2,000 peers trickling environment bytes: those past the session cap are closed at once, the rest at
+    the session deadline; none stays open, and a real session is served after."""
+    server = FastAgiServer(CallRegistry(MemoryStore(), 3600), "127.0.0.1:0", "EC", session_deadline=1.0)
+    await server.start()
+    closed = 0
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal closed
+        with contextlib.suppress(ConnectionError):
+            for byte in b"agi_network: yes\n" * 1000:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    if await asyncio.wait_for(reader.read(4096), 0.2) == b"":
+                        break
+        closed += 1
+        writer.close()
+
+    try:
+        connections = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2000)]
+        async with asyncio.timeout(60):  # a liveness bound: the deadline is 1 s
+            await asyncio.gather(*(trickle(reader, writer) for reader, writer in connections))
+        await wait_for(lambda: server._sessions == 0)
+        commands = await agi_session(server.port, with_script(PJSIP))
+    finally:
+        await server.close()
+    assert closed == 2000
+    assert commands[-1].startswith("SET VARIABLE UUID ")

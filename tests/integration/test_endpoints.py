@@ -14,7 +14,7 @@ import pytest
 
 from avr_llm_proxy.simulate import http_request, play_call, register_caller
 
-from ..conftest import make_settings, running_proxy
+from ..conftest import make_settings, rss, running_proxy
 
 
 async def test_call_refusals_are_clear(tmp_path: Path) -> None:
@@ -106,20 +106,12 @@ async def test_oversized_headers_are_refused(tmp_path: Path) -> None:
         assert healthy.status == 200
 
 
-def _rss() -> int:
-    """This process's resident memory now, in bytes (the proxy runs in it)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 @pytest.mark.parametrize("piece", [b"X-Junk: 0123456789\r\n", b"0123456789abcdef"], ids=["lines", "one_value"])
 async def test_endless_headers_are_cut_off_while_parsed(tmp_path: Path, piece: bytes) -> None:
     """Header lines (or one header value) that never end: 431 and a closed connection after a bounded
     head, not the whole stream kept in memory; the service goes on."""
     async with running_proxy(make_settings(tmp_path)) as proxy:
-        before = _rss()
+        before = rss()
         reader, writer = await asyncio.open_connection("127.0.0.1", int(proxy.url.rsplit(":", 1)[1]))
         try:
             writer.write(b"POST /prompt-stream HTTP/1.1\r\nHost: x\r\n" + (b"X-Start: " if piece[:1] != b"X" else b""))
@@ -132,7 +124,7 @@ async def test_endless_headers_are_cut_off_while_parsed(tmp_path: Path, piece: b
             answer = b""
             with contextlib.suppress(ConnectionError):  # a reset may drop the 431 the server wrote first
                 answer = await asyncio.wait_for(reader.read(), 10)
-            grown = _rss() - before
+            grown = rss() - before
         finally:
             writer.close()
         healthy = await http_request(f"{proxy.url}/healthz", b"", method="GET")

@@ -18,13 +18,15 @@ import structlog
 from ..avr import canonical_uuid
 from ..calls import CallRecord, CallRegistry
 from ..identity import dialled_number, parse_caller, parse_presentation, strictest
-from ..observability import AGI_SESSIONS
+from ..observability import AGI_SESSIONS, LogThrottle
 from ..stores import StoreError
 
 log = structlog.get_logger("avr_llm_proxy.capture.agi")
 
 MAX_LINE_BYTES = 8192
 MAX_ENV_LINES = 256
+# Asterisk's environment is about 1.5 KB; this bounds what a half-sent one holds (512 sessions: 16 MiB).
+MAX_ENV_BYTES = 32 * 1024
 SCRIPT = "callerid"
 _REPLY = re.compile(r"^(\d{3})(?:[ -](.*))?$")
 _RESULT = re.compile(r"result=(-?\d+)(?:\s+\((.*)\))?")
@@ -76,6 +78,7 @@ class AgiParser:
         self._buffer = b""
         self._env: dict[str, str] | None = {}
         self._env_lines = 0
+        self._env_bytes = 0
         self.closed = False
 
     def feed(self, data: bytes) -> list[AgiEvent]:
@@ -103,7 +106,8 @@ class AgiParser:
                 env, self._env = self._env, None
                 return AgiEnvironment(env)
             self._env_lines += 1
-            if self._env_lines > MAX_ENV_LINES:
+            self._env_bytes += len(line) + 1
+            if self._env_lines > MAX_ENV_LINES or self._env_bytes > MAX_ENV_BYTES:
                 raise AgiProtocolError("environment too long")
             key, sep, value = line.partition(":")
             if sep and key.strip():
@@ -236,7 +240,8 @@ class FastAgiServer:
         self.session_deadline = session_deadline
         self.max_sessions = max_sessions
         self._sessions = 0
-        self._refused_logged_at = 0.0
+        self._refused_log = LogThrottle()
+        self._ended_log = LogThrottle()  # sessions cut off: a flood of them is one line a second
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -266,31 +271,30 @@ class FastAgiServer:
         """Past the session cap: closed at once, so sockets held open elsewhere cannot exhaust the fds."""
         writer.close()
         AGI_SESSIONS.labels(outcome="refused_busy").inc()
-        now = time.monotonic()
-        if now - self._refused_logged_at >= 1.0:  # one line a second, however many are refused
-            self._refused_logged_at = now
-            log.warning("agi_session_refused", reason="too_many_sessions", limit=self.max_sessions)
+        if (extra := self._refused_log.allow()) is not None:
+            log.warning("agi_session_refused", reason="too_many_sessions", limit=self.max_sessions, **extra)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         started = time.perf_counter()
         session = _Session(self, reader, writer)
         deadline = asyncio.timeout(self.session_deadline)
+        reason = ""
         try:
             async with deadline:  # a whole session, however slowly its bytes trickle in
                 outcome = await session.run()
         except TimeoutError:
             outcome = "session_timeout" if deadline.expired() else "idle_timeout"
         except AgiProtocolError as exc:
-            outcome = "protocol_error"
-            log.warning("agi_protocol_error", reason=str(exc))
+            outcome, reason = "protocol_error", str(exc)
         except (ConnectionError, asyncio.IncompleteReadError):
             outcome = "connection_lost"
         finally:
             writer.close()
         AGI_SESSIONS.labels(outcome=outcome).inc()
-        if outcome not in ("ok", "unknown_script", "protocol_error"):
+        if outcome not in ("ok", "unknown_script") and (extra := self._ended_log.allow()) is not None:
             elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
-            log.warning("agi_session_ended", outcome=outcome, elapsed_ms=elapsed_ms)
+            log.warning("agi_session_ended", outcome=outcome, elapsed_ms=elapsed_ms, **extra,
+                        **({"reason": reason} if reason else {}))
         try:
             await writer.wait_closed()
         except (ConnectionError, OSError):
