@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -195,14 +196,37 @@ async def test_redis_that_stops_answering_fails_the_read() -> None:
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    store = open_store(f"redis://127.0.0.1:{port}/0")
+    store = open_store(f"redis://127.0.0.1:{port}/0", deadline_s=0.3)
     try:
-        with pytest.raises(StoreError, match="timed out"):
+        with pytest.raises(StoreError, match=r"timed out after 0\.3 s"):
             await store.get(UUID)
+        with pytest.raises(StoreError, match=r"did not answer within 0\.3 s"):
+            await store.ping()
     finally:
         server.close()
         for writer in held:
             writer.close()
+        await store.close()
+
+
+async def test_sqlite_write_behind_a_held_lock_misses_its_deadline_then_commits(tmp_path: Path) -> None:
+    """Another process holds the database's write lock: the write fails at the store's deadline (the
+    capture goes on), stays queued, and is committed once the lock is let go."""
+    path = tmp_path / "calls.db"
+    store = open_store(f"sqlite:///{path}", deadline_s=0.3)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreError, match=r"not committed within 0\.3 s"):
+            await store.put("k", b"v", time.time() + 60)
+        other.execute("COMMIT")
+        for _ in range(500):  # the writer retries within SQLite's busy timeout
+            if await store.get("k") == b"v":
+                break
+            await asyncio.sleep(0.01)
+        assert await store.get("k") == b"v"
+    finally:
+        other.close()
         await store.close()
 
 

@@ -65,7 +65,7 @@ def keys_for(settings: Settings) -> Keys:
 def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
     """The HTTP service for one process, built from `settings` (and its keys) and nothing else."""
     keys = keys or keys_for(settings)
-    store = open_store(settings.store_url)
+    store = open_store(settings.store_url, settings.store_timeout_ms / 1000)
     files = LegacyCallerFiles(settings.callerid_dir, settings.caller_ttl_seconds, settings.default_region,
                               settings.file_owners) if settings.callerid_dir else None
     registry = CallRegistry(store, settings.caller_ttl_seconds, [files.find] if files else [], keys.sealer,

@@ -147,7 +147,7 @@ async def _store_problem(settings: Settings) -> str | None:
     from .stores import StoreError, open_store
 
     try:
-        store = open_store(settings.store_url)
+        store = open_store(settings.store_url, settings.store_timeout_ms / 1000)
         try:
             await store.ping()
         finally:
@@ -190,7 +190,7 @@ def _on_registry(settings: Settings, action: Callable[[CallRegistry], Awaitable[
     from .stores import StoreError, open_store
 
     async def run() -> T:
-        store = open_store(settings.store_url)
+        store = open_store(settings.store_url, settings.store_timeout_ms / 1000)
         try:
             keys = keys_for(settings)
             return await action(CallRegistry(store, settings.caller_ttl_seconds, (), keys.sealer, keys.hash_key,

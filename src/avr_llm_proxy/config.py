@@ -77,6 +77,8 @@ class Settings(BaseSettings):
         validation_alias="STORE_URL",
         description="memory://, sqlite:///path",
     )
+    store_timeout_ms: int = Field(1000, ge=50, le=30_000, validation_alias="STORE_TIMEOUT_MS",
+                                  description="deadline of one store operation")
     caller_ttl_seconds: int = Field(3600, ge=60, le=7 * 86400, validation_alias="CALLER_TTL_SECONDS")
     caller_wait_ms: int = Field(500, ge=0, le=10_000, validation_alias="CALLER_WAIT_MS")
     default_region: str = Field("EC", validation_alias="DEFAULT_REGION")

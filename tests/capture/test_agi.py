@@ -355,6 +355,7 @@ async def test_frozen_redis_does_not_hold_the_call(tmp_path: Path, logs) -> None
     try:
         settings = make_settings(tmp_path, agi_listen=f"127.0.0.1:{port}",
                                  store_url=f"redis://127.0.0.1:{redis.sockets[0].getsockname()[1]}/0",
+                                 store_timeout_ms=400,
                                  encryption_key="MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=")
         async with running_proxy(settings):
             async with asyncio.timeout(10):  # a liveness bound, far from both 1 s and 35 s
@@ -364,7 +365,7 @@ async def test_frozen_redis_does_not_hold_the_call(tmp_path: Path, logs) -> None
             writer.close()
         redis.close()
     assert commands[-1].startswith("SET VARIABLE UUID ")
-    assert any('"capture_not_stored"' in line and "timed out" in line for line in logs())
+    assert any('"capture_not_stored"' in line and "timed out after 0.4 s" in line for line in logs())
 
 
 async def test_trickling_session_is_cut_at_its_deadline(logs) -> None:  # type: ignore[no-untyped-def]

@@ -9,6 +9,9 @@ from typing import Protocol
 TAG_ERASED = "~"
 # How long a store remembers that a tag was erased: the longest a record can live (CALLER_TTL_SECONDS' limit).
 ERASURE_KEPT_S = 7 * 86400
+# The default deadline of one store operation (STORE_TIMEOUT_MS): a store that stops answering must
+# not keep a caller in silence; a capture that misses it is logged and Asterisk goes on.
+DEADLINE_S = 1.0
 
 
 class StoreError(Exception):
@@ -83,8 +86,8 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
-def open_store(url: str) -> Store:
-    """The store for a `STORE_URL` (validated by config)."""
+def open_store(url: str, deadline_s: float = DEADLINE_S) -> Store:
+    """The store for a `STORE_URL` (validated by config); `deadline_s` bounds each operation."""
     if url == "memory://":
         from .memory import MemoryStore
 
@@ -92,9 +95,9 @@ def open_store(url: str) -> Store:
     if url.startswith("sqlite:///"):
         from .sqlite import SqliteStore
 
-        return SqliteStore(url.removeprefix("sqlite:///"))
+        return SqliteStore(url.removeprefix("sqlite:///"), deadline_s)
     if url.startswith(("redis://", "rediss://")):
         from .redis import RedisStore
 
-        return RedisStore(url)
+        return RedisStore(url, deadline_s)
     raise StoreError(f"unsupported STORE_URL scheme: {url.split(':', 1)[0]}")

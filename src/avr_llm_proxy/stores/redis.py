@@ -20,7 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from . import ERASURE_KEPT_S, TAG_ERASED, StoreError
+from . import DEADLINE_S, ERASURE_KEPT_S, TAG_ERASED, StoreError
 
 log = structlog.get_logger("avr_llm_proxy.stores.redis")
 
@@ -30,11 +30,6 @@ RECENT = PREFIX + "recent"
 RECENT_SIZE = 1000
 MAX_CONNECTIONS = 64
 POOL_WAIT_S = 2.0
-# A Redis that accepts but stops answering must not keep a caller in silence: redis-py's own socket
-# timeout and retries add up to about 35 s, so every operation has one deadline of its own (a write
-# that runs late in Redis still checks the erasure marks there: a timed-out capture cannot bring an
-# erased number back).
-DEADLINE_S = 1.0
 # Writes are Lua scripts: each value is written with its indexes (the tag erasure finds it by, the
 # recent-calls list) and its news in one step, so no record is ever in Redis without its tag. KEYS:
 # the value, its tag's set, the recent-calls index; ARGV[4..8]: the key, its expiry (the index's
@@ -116,26 +111,15 @@ def _text(value: object) -> str:
     return value.decode("ascii", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-@contextlib.asynccontextmanager
-async def _answered(operation: str) -> AsyncIterator[None]:
-    """One operation within DEADLINE_S, its failures as a StoreError that names it."""
-    try:
-        async with asyncio.timeout(DEADLINE_S):
-            yield
-    except TimeoutError:
-        raise StoreError(f"Redis {operation} timed out after {DEADLINE_S:g} s") from None
-    except (RedisError, OSError) as exc:
-        raise StoreError(f"Redis {operation} failed: {type(exc).__name__}: {exc}") from exc
-
-
 class RedisStore:
     # Waiters are woken by pub/sub; the poll is only a safety net for a lost message.
     poll_interval: float | None = 0.5
     durable = True
     volatile = True
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, deadline_s: float = DEADLINE_S) -> None:
         self.url = url
+        self.deadline_s = deadline_s
         # A blocking pool: under a burst, a turn waits briefly for a connection instead of failing
         # (the default pool refused with MaxConnectionsError at 200 concurrent calls).
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -147,6 +131,22 @@ class RedisStore:
         self._swap = self._client.register_script(_SWAP)
         self._erase = self._client.register_script(_ERASE)
         self._listener: asyncio.Task[None] | None = None
+
+    @contextlib.asynccontextmanager
+    async def _answered(self, operation: str) -> AsyncIterator[None]:
+        """One operation within the deadline, its failures as a StoreError that names it.
+
+        redis-py's own socket timeout and retries add up to about 35 s against a Redis that accepts but
+        stops answering. A write that runs late in Redis still checks the erasure marks there: a
+        timed-out capture cannot bring an erased number back.
+        """
+        try:
+            async with asyncio.timeout(self.deadline_s):
+                yield
+        except TimeoutError:
+            raise StoreError(f"Redis {operation} timed out after {self.deadline_s:g} s (STORE_TIMEOUT_MS)") from None
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis {operation} failed: {type(exc).__name__}: {exc}") from exc
 
     @staticmethod
     def _written(key: str, tag: str | None) -> list[str]:
@@ -161,7 +161,7 @@ class RedisStore:
     async def put(self, key: str, value: bytes, expires_at: float, tag: str | None = None, replace: bool = True,
                   born: float | None = None) -> bool:
         ttl_ms = max(1, int((expires_at - time.time()) * 1000))
-        async with _answered("write"):
+        async with self._answered("write"):
             stored = await self._put(keys=self._written(key, tag), args=[
                 value, ttl_ms, "" if replace else "1", *self._indexing(key, expires_at, tag, True),
                 "" if tag is None or born is None else born])
@@ -170,7 +170,7 @@ class RedisStore:
     async def swap(self, key: str, expected: bytes, value: bytes, expires_at: float | None, tag: str | None = None,
                    notify: bool = True) -> bool:
         ttl_ms = "" if expires_at is None else max(1, int((expires_at - time.time()) * 1000))
-        async with _answered("write"):
+        async with self._answered("write"):
             swapped = await self._swap(keys=self._written(key, tag), args=[
                 expected, value, ttl_ms, *self._indexing(key, expires_at or 0.0, tag, notify)])
         return bool(swapped)
@@ -179,36 +179,39 @@ class RedisStore:
         return None  # every turn reads: a replica's write is seen at once, whatever its pub/sub connection
 
     async def get(self, key: str) -> bytes | None:
-        async with _answered("read"):
+        async with self._answered("read"):
             value = await self._client.get(PREFIX + "call:" + key)
         return None if value is None else _bytes(value)
 
     async def delete(self, key: str) -> bool:
-        async with _answered("delete"):
+        async with self._answered("delete"):
             deleted = bool(await self._client.delete(PREFIX + "call:" + key))
             await self._client.publish(CHANNEL, "-" + key)
         return deleted
 
     async def delete_tagged(self, tag: str) -> int:
-        async with _answered("erase"):
+        async with self._answered("erase"):
             deleted = await self._erase(keys=[PREFIX + "tag:" + tag, PREFIX + "erased:" + tag, RECENT], args=[
                 time.time(), ERASURE_KEPT_S * 1000, PREFIX + "call:", CHANNEL, TAG_ERASED + tag])
         return int(deleted)
 
     async def recent(self, limit: int) -> list[bytes]:
-        async with _answered("read"):
+        async with self._answered("read"):
             keys = [_text(member) for member in await self._client.zrevrange(RECENT, 0, limit - 1)]
             values = await self._client.mget([PREFIX + "call:" + key for key in keys]) if keys else []
         return [_bytes(value) for value in values if value is not None]
 
     async def purge_expired(self, now: float) -> int:
         """Redis expires call keys itself; only the recent-calls index needs trimming."""
-        async with _answered("purge"):
+        async with self._answered("purge"):
             return int(await self._client.zremrangebyscore(RECENT, "-inf", now))
 
     async def ping(self) -> None:
         try:
-            await self._client.ping()
+            async with asyncio.timeout(self.deadline_s):
+                await self._client.ping()
+        except TimeoutError:
+            raise StoreError(f"Redis at {self._where()} did not answer within {self.deadline_s:g} s") from None
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis at {self._where()} unreachable: {type(exc).__name__}") from exc
 

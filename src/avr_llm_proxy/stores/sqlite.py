@@ -23,7 +23,7 @@ from pathlib import Path
 
 import structlog
 
-from . import ERASURE_KEPT_S, StoreError
+from . import DEADLINE_S, ERASURE_KEPT_S, StoreError
 from .stamps import ChangeStamps
 
 log = structlog.get_logger("avr_llm_proxy.stores.sqlite")
@@ -83,8 +83,9 @@ class SqliteStore:
     durable = True
     volatile = False
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, deadline_s: float = DEADLINE_S) -> None:
         self.path = path
+        self.deadline_s = deadline_s
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self._writer = _connect(path)
@@ -112,7 +113,12 @@ class SqliteStore:
             if self._closed:
                 raise StoreError(f"SQLite store {self.path} is closed")
             self._queue.put(write)
-        return await write.done
+        try:
+            async with asyncio.timeout(self.deadline_s):  # a lock held elsewhere waits up to busy_timeout
+                return await write.done
+        except TimeoutError:
+            raise StoreError(f"SQLite write not committed within {self.deadline_s:g} s (STORE_TIMEOUT_MS); "
+                             "it stays queued") from None
 
     def _write_queued(self) -> None:
         """The writer thread: commit what is queued, renew the stamps, hand the results back to each loop."""
