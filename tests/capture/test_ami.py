@@ -94,7 +94,8 @@ def test_tracker_binds_callers_to_uuids() -> None:
 def channel_event(event: str, channel: str, number: str, linkedid: str, **extra: str) -> bytes:
     fields = {"Event": event, "Privilege": "call,all", "Channel": channel, "CallerIDNum": number,
               "CallerIDName": "<unknown>", "ConnectedLineNum": "+593987654321", "ConnectedLineName": "Juan Perez",
-              "Exten": extra.pop("Exten", "5551000"), "Uniqueid": linkedid, "Linkedid": linkedid, **extra}
+              "Exten": extra.pop("Exten", "5551000"), "Uniqueid": extra.pop("Uniqueid", f"{linkedid}:{channel}"),
+              "Linkedid": linkedid, **extra}
     return "".join(f"{k}: {v}\r\n" for k, v in fields.items()).encode() + b"\r\n"
 
 
@@ -162,6 +163,33 @@ def test_called_number_is_the_first_channels_extension() -> None:
                         AppData=f"AudioSocket/127.0.0.1:5001/{call},120")
     )
     assert [(c.uuid, c.channel, c.called) for c in tracked([BANNER + stream])] == [(call, half, "5551000")]
+
+
+def test_a_channel_name_seen_again_is_a_new_channel() -> None:
+    """Asterisk restarted under a connection that did not notice, or a Hangup was missed: a new channel
+    with an old name (and a new Uniqueid) starts empty, never with the old call's dialled number."""
+    first, second, leg = str(uuidlib.uuid4()), str(uuidlib.uuid4()), "PJSIP/trunk-00000000"
+    stream = (
+        channel_event("Newchannel", leg, "+593987654321", "1.1", Uniqueid="1.1", Exten="5551000")
+        + channel_event("Newexten", leg, "+593987654321", "1.1", Uniqueid="1.1", Application="AudioSocket",
+                        AppData=f"{first},avr-core:5001")
+        + channel_event("Newchannel", leg, "<unknown>", "2.1", Uniqueid="2.1", Exten="s")
+        + channel_event("Newexten", leg, "<unknown>", "2.1", Uniqueid="2.1", Exten="s", Application="AudioSocket",
+                        AppData=f"{second},avr-core:5001")
+    )
+    assert [(c.uuid, c.number, c.called, c.uniqueid) for c in tracked([BANNER + stream])] == [
+        (first, "+593987654321", "5551000", "1.1"), (second, "", "", "2.1")]
+
+
+def test_a_renamed_channel_keeps_its_caller() -> None:
+    """A Rename keeps the Uniqueid: the channel's later events under its new name are the same channel."""
+    call = str(uuidlib.uuid4())
+    stream = (
+        channel_event("Newchannel", "PJSIP/trunk-00000001", "+593987654321", "1.1", Uniqueid="1.1")
+        + channel_event("Newexten", "PJSIP/trunk-00000001<MASQ>", "+593987654321", "1.1", Uniqueid="1.1",
+                        Application="AudioSocket", AppData=f"{call},avr-core:5001")
+    )
+    assert [(c.channel, c.called) for c in tracked([BANNER + stream])] == [("PJSIP/trunk-00000001<MASQ>", "5551000")]
 
 
 def test_tracker_memory_is_bounded() -> None:

@@ -144,7 +144,7 @@ class CallTracker:
     """
 
     def __init__(self, max_channels: int = MAX_CHANNELS) -> None:
-        self._channels: OrderedDict[str, _Channel] = OrderedDict()
+        self._channels: OrderedDict[str, _Channel] = OrderedDict()  # by Uniqueid
         self._inbound: dict[str, str] = {}  # linkedid -> the first channel of the call (its dialled number)
         self._captured: OrderedDict[str, None] = OrderedDict()
         self._max_channels = max_channels
@@ -158,10 +158,13 @@ class CallTracker:
         # Channel events carry Linkedid; others (OriginateResponse, …) only mention a channel.
         if not event or not name or "linkedid" not in message or _AUDIOSOCKET_CHANNEL.match(name):
             return []
+        # A channel is known by its Uniqueid: names repeat (their counters restart with Asterisk, and a
+        # missed Hangup would leave a name behind), a Uniqueid does not.
+        key = message.value("uniqueid") or name
         if event == "hangup":
-            self._forget(name)
+            self._forget(key)
             return []
-        channel = self._update(name, event, message)
+        channel = self._update(key, name, event, message)
         uuid = _audiosocket_step(event, message)
         if uuid is None or uuid in self._captured:
             return []
@@ -174,14 +177,15 @@ class CallTracker:
         return [AmiCapture(uuid, channel.name, channel.number, channel.caller_name, channel.presentation, called,
                            channel.uniqueid)]
 
-    def _update(self, name: str, event: str, message: AmiMessage) -> _Channel:
-        channel = self._channels.pop(name, None) or _Channel(name)
-        self._channels[name] = channel
+    def _update(self, key: str, name: str, event: str, message: AmiMessage) -> _Channel:
+        channel = self._channels.pop(key, None) or _Channel(name)
+        self._channels[key] = channel
         if len(self._channels) > self._max_channels:
             self._forget(next(iter(self._channels)))
+        channel.name = name  # a Rename keeps the Uniqueid
         channel.uniqueid = message.value("uniqueid") or channel.uniqueid
         linkedid = message.value("linkedid") or channel.linkedid
-        if linkedid != channel.linkedid and self._inbound.get(channel.linkedid) == name:
+        if linkedid != channel.linkedid and self._inbound.get(channel.linkedid) == key:
             del self._inbound[channel.linkedid]  # a bridge or transfer gave the channel another call's id
         channel.linkedid = linkedid
         if "calleridnum" in message:  # every channel event carries the caller ID as it is now, blank included
@@ -192,12 +196,12 @@ class CallTracker:
         if not channel.exten and event == "newchannel":
             channel.exten = sanitize_raw(message.value("exten"))
         if channel.linkedid:
-            self._inbound.setdefault(channel.linkedid, name)
+            self._inbound.setdefault(channel.linkedid, key)
         return channel
 
-    def _forget(self, name: str) -> None:
-        channel = self._channels.pop(name, None)
-        if channel is not None and self._inbound.get(channel.linkedid) == name:
+    def _forget(self, key: str) -> None:
+        channel = self._channels.pop(key, None)
+        if channel is not None and self._inbound.get(channel.linkedid) == key:
             del self._inbound[channel.linkedid]
 
 
