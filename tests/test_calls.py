@@ -110,13 +110,13 @@ async def test_change_redoes_an_edit_another_process_overtook(tmp_path: Path) ->
                 with raw:
                     raw.execute("UPDATE calls SET value = ? WHERE key = ?", (recaptured.to_bytes(), UUID))
                 raw.close()
-            return dataclasses.replace(current, turns=3)
+            return dataclasses.replace(current, started_at=3.0)
 
         changed = await registry.change(UUID, counted)
         assert seen == ["+593987654321", "+34612345678"]
-        assert changed is not None and changed.turns == 3 and changed.caller.e164 == "+34612345678"
+        assert changed is not None and changed.started_at == 3.0 and changed.caller.e164 == "+34612345678"
         found = await other.get(UUID)
-        assert found is not None and found.caller.e164 == "+34612345678" and found.turns == 3
+        assert found is not None and found.caller.e164 == "+34612345678" and found.started_at == 3.0
     finally:
         await store.close()
         await other.store.close()
@@ -154,13 +154,13 @@ async def test_held_record_is_used_while_the_stamp_stays(tmp_path: Path, monkeyp
     try:
         await theirs.put(record())
         assert (await mine.get(UUID)).caller.e164 == "+593987654321"  # type: ignore[union-attr]
-        await theirs.change(UUID, lambda current: dataclasses.replace(current, turns=4), notify=False)
+        await theirs.change(UUID, lambda current: dataclasses.replace(current, started_at=4.0), notify=False)
         raw = sqlite3.connect(path)  # behind the stores' backs: no stamp renewed, so not seen
         with raw:
             raw.execute("UPDATE calls SET value = ? WHERE key = ?", (record(number="+14155550100").to_bytes(), UUID))
         raw.close()
         held = await mine.get(UUID)
-        assert held is not None and held.caller.e164 == "+593987654321" and held.turns == 0
+        assert held is not None and held.caller.e164 == "+593987654321" and held.started_at is None
         await theirs.put(record(number="+34612345678"))
         assert (await mine.get(UUID)).caller.e164 == "+34612345678"  # type: ignore[union-attr]
         await theirs.forget(UUID)
@@ -178,23 +178,23 @@ async def test_held_record_is_used_while_the_stamp_stays(tmp_path: Path, monkeyp
         await theirs.store.close()
 
 
-async def test_count_from_a_held_record_another_worker_counted_since(tmp_path: Path) -> None:
-    """A change starts from the record held here; when another worker's quiet count made it stale, it reads."""
+async def test_change_from_a_held_record_another_worker_changed_quietly_since(tmp_path: Path) -> None:
+    """A change starts from the record held here; when another worker's quiet change made it stale, it reads."""
     path = tmp_path / "calls.db"
     mine, theirs = (CallRegistry(open_store(f"sqlite:///{path}"), 3600) for _ in range(2))
     try:
         first = await theirs.put(record())
         assert await mine.get(UUID) == first  # held here from now on
-        await theirs.change(UUID, lambda current: dataclasses.replace(current, turns=2), notify=False)
-        counted = await mine.change(UUID, lambda current: dataclasses.replace(current, turns=current.turns + 1),
-                                    notify=False)
-        assert counted is not None and counted.turns == 3 and counted.expires_at == first.expires_at
-        held = await theirs.get(UUID)  # counts are quiet: theirs goes on with the record it holds
-        assert held is not None and held.turns == 2
+        await theirs.change(UUID, lambda current: dataclasses.replace(current, started_at=2.0), notify=False)
+        changed = await mine.change(UUID, lambda current: dataclasses.replace(
+            current, started_at=(current.started_at or 0.0) + 1), notify=False)
+        assert changed is not None and changed.started_at == 3.0 and changed.expires_at == first.expires_at
+        held = await theirs.get(UUID)  # quiet: theirs goes on with the record it holds
+        assert held is not None and held.started_at == 2.0
         fresh = CallRegistry(open_store(f"sqlite:///{path}"), 3600)
         stored = await fresh.get(UUID)
         await fresh.store.close()
-        assert stored is not None and stored.turns == 3 and stored.caller == first.caller
+        assert stored is not None and stored.started_at == 3.0 and stored.caller == first.caller
     finally:
         await mine.store.close()
         await theirs.store.close()
@@ -375,12 +375,17 @@ def capture(pres: str, number: str = "+593987654321", source: str = "ami", calle
     return CallRecord(uuid=UUID, caller=parse_caller(number, "Juan Perez", pres, source=source), called_number=called)
 
 
+async def from_store(registry: CallRegistry, uuid: str = UUID) -> CallRecord | None:
+    """The record as the store holds it, read by a registry that holds no copy of its own."""
+    return await CallRegistry(registry.store, registry.ttl_seconds, sealer=registry.sealer).get(uuid)
+
+
 async def test_withheld_caller_stays_withheld_when_captured_again_as_allowed(store: Store) -> None:
     """A later capture that shows the number (the other half of a Local pair) does not undo a withheld one."""
     registry = CallRegistry(store, 3600)
     await registry.put(capture("prohib"))
     returned = await registry.put(capture("allowed_not_screened", "+34612345678", source="agi"))
-    for found in (returned, await registry.get(UUID), await registry.get(UUID, fresh=True)):
+    for found in (returned, await registry.get(UUID), await from_store(registry)):
         assert found is not None and found.caller.presentation == "withheld"
         assert found.caller.raw is None and found.caller.e164 is None and found.caller.name is None
         assert found.caller.caller_number("e164") == "anonymous"
@@ -393,26 +398,26 @@ async def test_withheld_capture_after_an_allowed_one_wins(store: Store) -> None:
     registry = CallRegistry(store, 3600)
     await registry.put(capture("allowed_not_screened", source="agi"))
     await registry.put(capture("prohib"))
-    found = await registry.get(UUID, fresh=True)
+    found = await from_store(registry)
     assert found is not None and found.caller.presentation == "withheld" and found.caller.source == "ami"
     assert found.caller.raw is None and found.caller.caller_number("e164") == "anonymous"
 
 
 async def test_recapture_keeps_the_calls_lifecycle_and_called_number(store: Store) -> None:
-    """A recapture keeps start, end and turns; it keeps the called number unless it brings one of its own."""
+    """A recapture keeps start, end and the turn count; it keeps the called number unless it brings one of its own."""
     registry = CallRegistry(store, 3600)
     await registry.put(capture("allowed_not_screened"))
-    await registry.change(UUID, lambda current: dataclasses.replace(current, started_at=1000.0, ended_at=2000.0,
-                                                                    turns=3))
+    await registry.change(UUID, lambda current: dataclasses.replace(current, started_at=1000.0, ended_at=2000.0))
+    await registry.count_turn(UUID)
     again = await registry.put(capture("allowed_not_screened", "+34612345678", source="agi", called=None))
-    found = await registry.get(UUID, fresh=True)
+    found = await from_store(registry)
     for seen in (again, found):
         assert seen is not None and seen.caller.e164 == "+34612345678"
-        assert (seen.started_at, seen.ended_at, seen.turns) == (1000.0, 2000.0, 3)
+        assert (seen.started_at, seen.ended_at) == (1000.0, 2000.0)
         assert seen.called_number == "5551000"
     await registry.put(capture("allowed_not_screened", source="http", called="5552000"))
-    found = await registry.get(UUID, fresh=True)
-    assert found is not None and found.called_number == "5552000" and found.turns == 3
+    found = await from_store(registry)
+    assert found is not None and found.called_number == "5552000" and await registry.turns(UUID) == 1
 
 
 async def test_capture_after_the_record_expired_or_was_forgotten_is_a_first_capture(store: Store) -> None:
@@ -422,14 +427,16 @@ async def test_capture_after_the_record_expired_or_was_forgotten_is_a_first_capt
     first = await registry.put(capture("allowed_not_screened", source="agi"))
     assert first.caller.presentation == "allowed" and first.caller.e164 == "+593987654321"
     await registry.put(capture("prohib"))
-    await registry.change(UUID, lambda current: dataclasses.replace(current, started_at=1000.0, turns=2))
+    await registry.change(UUID, lambda current: dataclasses.replace(current, started_at=1000.0))
+    await registry.count_turn(UUID)
     assert await registry.forget(UUID)
     again = await registry.put(capture("allowed_not_screened", source="agi", called=None))
-    found = await registry.get(UUID, fresh=True)
+    found = await from_store(registry)
     for seen in (again, found):
         assert seen is not None and seen.caller.presentation == "allowed"
         assert seen.caller.e164 == "+593987654321"
-        assert (seen.started_at, seen.turns, seen.called_number) == (None, 0, None)
+        assert (seen.started_at, seen.called_number) == (None, None)
+    assert await registry.turns(UUID) == 0
 
 
 async def test_withheld_kept_is_logged_only_when_a_capture_was_overridden(store: Store, logs) -> None:  # type: ignore[no-untyped-def]
@@ -474,7 +481,7 @@ async def test_recapture_keeps_an_ended_calls_short_retention(store: Store) -> N
     # The same caller again (the value alone is rewritten), then another source's caller (written whole).
     for again in (capture("allowed_not_screened"), capture("allowed_not_screened", "+34612345678", source="agi")):
         returned = await registry.put(again)
-        found = await registry.get(UUID, fresh=True)
+        found = await from_store(registry)
         for seen in (returned, found):
             assert seen is not None and seen.caller == again.caller and seen.ended_at == ended.ended_at
             assert abs(seen.expires_at - ended.expires_at) < 1
@@ -512,7 +519,7 @@ async def test_capture_never_overwrites_a_withheld_first_capture_made_meanwhile(
     registry = CallRegistry(store, 3600)
     await registry.put(capture("allowed_not_screened", source="http"))
     again = await registry.put(capture("allowed_not_screened", source="agi"))
-    found = await registry.get(UUID, fresh=True)
+    found = await from_store(registry)
     for seen in (again, found):
         assert seen is not None and seen.caller.presentation == "withheld" and seen.caller.source == "ami"
         assert seen.caller.raw is None and seen.caller.caller_number("e164") == "anonymous"

@@ -14,6 +14,7 @@ import redis
 from avr_llm_proxy.calls import CallRecord, CallRegistry
 from avr_llm_proxy.identity import parse_caller
 from avr_llm_proxy.stores import Store, StoreError, open_store
+from avr_llm_proxy.stores.memory import MemoryStore
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 UUID = "cbb1cd1e-86d0-4af4-b938-ebd18537fffb"
@@ -128,10 +129,48 @@ class TestStoreContract:
         assert await store.delete_tagged("missing") == 0
 
     async def test_recent(self, store: Store) -> None:
-        """recent lists the newest live values first, at most `limit`."""
+        """recent lists the newest live values first, at most `limit`, each with its counter."""
         for index in range(5):
             await store.put(f"k{index}", str(index).encode(), time.time() + 60 + index)
-        assert await store.recent(3) == [b"4", b"3", b"2"]
+        await store.count("k3", 2)
+        assert await store.recent(3) == [(b"4", 0), (b"3", 2), (b"2", 0)]
+
+    async def test_counter_lives_and_goes_with_its_value(self, store: Store) -> None:
+        """A counter exists only beside a live value, survives the value's replacement and a change of
+        expiry, and goes with a delete, an erasure or the expiry; a new value starts at 0."""
+        assert await store.count("k") is None and await store.count("k", 0) is None
+        await store.put("k", b"v", time.time() + 60, "t")
+        assert await store.count("k", 0) == 0
+        assert [await store.count("k") for _ in range(3)] == [1, 2, 3]
+        await store.put("k", b"w", time.time() + 60, "t")  # replaced while live
+        assert await store.swap("k", b"w", b"x", time.time() + 120, "t")
+        assert await store.swap("k", b"x", b"y", None)
+        assert await store.count("k", 0) == 3
+        await store.delete("k")
+        await store.put("k", b"v", time.time() + 60, "t")
+        assert await store.count("k", 0) == 0
+        await store.count("k")
+        await store.delete_tagged("t")
+        assert await store.count("k") is None
+        await store.put("k", b"v", time.time() + 0.05)
+        await store.count("k")
+        await asyncio.sleep(0.1)
+        assert await store.count("k") is None
+        await store.put("k", b"v", time.time() + 60, replace=False)
+        assert await store.count("k", 0) == 0
+
+    async def test_counts_made_at_the_same_moment_all_count(self, store: Store, tmp_path: Path) -> None:
+        """200 counts at once, through two handles of the store where it is shared: none is lost."""
+        await store.put("k", b"v", time.time() + 60)
+        shared = getattr(store, "url", None) or (f"sqlite:///{tmp_path / 'calls.db'}"
+                                                 if not isinstance(store, MemoryStore) else None)
+        other = open_store(shared) if shared else store
+        try:
+            await asyncio.gather(*(handle.count("k") for _ in range(100) for handle in (store, other)))
+            assert await store.count("k", 0) == 200
+        finally:
+            if other is not store:
+                await other.close()
 
     async def test_ping(self, store: Store) -> None:
         """A usable store answers ping without raising."""
@@ -146,7 +185,8 @@ async def test_registry_round_trip(store: Store) -> None:
     stored = await registry.put(record())
     assert await registry.get(UUID) == stored
     assert await registry.add(record(number="+34612345678")) is None
-    assert (await registry.newest(5))[0] == stored
+    assert await registry.count_turn(UUID) == 1
+    assert (await registry.newest(5))[0] == (stored, 1)
     assert await registry.forget_number(stored.caller) == 1 and await store.get(UUID) is None
 
 

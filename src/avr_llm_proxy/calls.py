@@ -49,10 +49,9 @@ class CallRecord:
     uniqueid: str | None = None
     captured_at: float = field(default_factory=time.time)
     expires_at: float = 0.0
-    # The call's lifecycle, from avr-core's webhooks (POST /events).
+    # The call's lifecycle, from avr-core's webhooks (POST /events); its turns are counted by the store.
     started_at: float | None = None
     ended_at: float | None = None
-    turns: int = 0
 
     def to_bytes(self) -> bytes:
         """Compact JSON, nulls left out; copied because orjson's own buffer keeps 4 KiB per object."""
@@ -79,7 +78,6 @@ def recaptured(current: CallRecord, capture: CallRecord) -> CallRecord:
         uniqueid=capture.uniqueid or current.uniqueid,
         started_at=current.started_at,
         ended_at=current.ended_at,
-        turns=current.turns,
     )
 
 
@@ -303,13 +301,10 @@ class CallRegistry:
             return self._remember(data, stored, over.stamp, over.read_at)
         return self._remember(data, stored, written=True)
 
-    async def get(self, uuid: str, fresh: bool = False) -> CallRecord | None:
+    async def get(self, uuid: str) -> CallRecord | None:
         """The record: the one held here while the store says nothing changed, else the store's, else
-        a late source's (then kept in the store).
-
-        fresh: always the store's, for figures other processes change quietly (the turn count).
-        """
-        found = (not fresh and self._held(uuid)) or await self._lookup(uuid)
+        a late source's (then kept in the store)."""
+        found = self._held(uuid) or await self._lookup(uuid)
         return found.record if found else None
 
     def _held(self, uuid: str) -> _Known | None:
@@ -429,12 +424,20 @@ class CallRegistry:
         self._known.pop(uuid, None)
         return await self.store.delete(uuid)
 
-    async def newest(self, limit: int = 50) -> list[CallRecord]:
-        """The newest calls of the store (for `avr-llm-proxy calls`); unreadable ones are skipped."""
+    async def count_turn(self, uuid: str) -> int | None:
+        """One more turn answered on this call, counted in the store whatever process answered it."""
+        return await self.store.count(uuid)
+
+    async def turns(self, uuid: str) -> int:
+        """The turns answered on this call so far (0 when it has no record)."""
+        return await self.store.count(uuid, 0) or 0
+
+    async def newest(self, limit: int = 50) -> list[tuple[CallRecord, int]]:
+        """The newest calls of the store with their turns (for `avr-llm-proxy calls`); unreadable ones are skipped."""
         records = []
-        for data in await self.store.recent(limit):
+        for data, turns in await self.store.recent(limit):
             with contextlib.suppress(ValueError, KeyError, TypeError, SealError):
-                records.append(CallRecord.from_bytes(self.sealer.open(data) if self.sealer else data))
+                records.append((CallRecord.from_bytes(self.sealer.open(data) if self.sealer else data), turns))
         return records
 
     async def forget_number(self, caller: CallerId) -> int:

@@ -255,12 +255,12 @@ def calls(args: argparse.Namespace) -> int:
 
     print(f"{'uuid':<36}  {'captured':<8}  {'caller':<16}  {'presentation':<11}  {'source':<8}  "
           f"{'called':<12}  {'started':<8}  {'ended':<8}  turns")
-    for record in records:
+    for record, turns in records:
         caller = record.caller
         number = redact(caller.log_number) if caller.loggable_number else caller.log_number
         print(f"{record.uuid:<36}  {when(record.captured_at):<8}  {number:<16}  {caller.presentation:<11}  "
               f"{caller.source:<8}  {record.called_number or '-':<12}  {when(record.started_at):<8}  "
-              f"{when(record.ended_at):<8}  {record.turns}")
+              f"{when(record.ended_at):<8}  {turns}")
     return 0
 
 

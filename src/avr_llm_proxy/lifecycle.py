@@ -10,6 +10,7 @@ with the caller fields and signed like the turns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from typing import Any
@@ -21,6 +22,7 @@ from .avr import canonical_uuid, json_object
 from .calls import CallRecord, CallRegistry
 from .identity import NumberFormat, parse_caller, sanitize_raw
 from .observability import EVENTS
+from .stores import StoreError
 from .upstream import AnswerInfo, Deadlines, HttpClient, UpstreamError, signature
 
 log = structlog.get_logger("avr_llm_proxy.lifecycle")
@@ -86,8 +88,7 @@ class Lifecycle:
     async def apply(self, event: Event) -> CallRecord | None:
         """Record what the event says about the call; returns the call's record after it."""
         EVENTS.labels(type=event.type).inc()
-        # Forwarded events carry the turn count, which other workers write without a stamp change.
-        record = await self.registry.get(event.uuid, fresh=self.client is not None)
+        record = await self.registry.get(event.uuid)
         if event.type == "call_initiated" and event.payload:
             captured = CallRecord(
                 uuid=event.uuid,
@@ -116,7 +117,7 @@ class Lifecycle:
         return await self.registry.change(event.uuid, lambda current: dataclasses.replace(current, ended_at=now),
                                           ttl=min(ENDED_RETENTION_S, self.registry.ttl_seconds))
 
-    def enriched(self, event: Event, record: CallRecord | None) -> dict[str, Any]:
+    def enriched(self, event: Event, record: CallRecord | None, turns: int = 0) -> dict[str, Any]:
         caller = record.caller if record else None
         payload = event.payload
         if caller is None or caller.presentation != "allowed":
@@ -129,12 +130,16 @@ class Lifecycle:
             "caller": {"presentation": caller.presentation, "source": caller.source, "e164": caller.e164}
             if caller else None,
             "called_number": record.called_number if record else None,
-            "turns": record.turns if record else 0,
+            "turns": turns,
         }
 
     async def _forward(self, event: Event, record: CallRecord | None) -> None:
         assert self.client is not None
-        body = orjson.dumps(self.enriched(event, record))
+        turns = 0
+        if record is not None:
+            with contextlib.suppress(StoreError):  # the event goes without its count rather than not at all
+                turns = await self.registry.turns(event.uuid)
+        body = orjson.dumps(self.enriched(event, record, turns))
         headers = {"Idempotency-Key": f"{event.uuid}:{event.type}"}
         if self.signing_secret:
             headers["X-Signature"] = signature(self.signing_secret, body)

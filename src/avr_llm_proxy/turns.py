@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -147,8 +146,8 @@ class Turns:
         finally:
             ACTIVE_TURNS.dec()
         caller = record.caller if record else UNKNOWN_CALLER
-        if record is not None and turn.turn > record.turns:
-            self._count(record, turn.turn)
+        if record is not None and outcome.status != "superseded":  # something was said: a turn answered
+            self._count(turn.uuid)
         self.registry.recent.note_turn(turn.uuid, caller, outcome.status, outcome.upstream_ms)
         log.info(
             "turn", uuid=turn.uuid, turn=turn.turn, caller_number=caller.log_number, source=caller.source,
@@ -292,17 +291,14 @@ class Turns:
         TURNS.labels(outcome="superseded").inc()
         log.info("turn_superseded", uuid=request.uuid, turn=request.turn)
 
-    def _count(self, record: CallRecord, turns: int) -> None:
-        """Keep the record's turn count (for `calls` and EVENTS_URL) in the background, off the turn's path."""
-
-        def counted(current: CallRecord) -> CallRecord | None:
-            return dataclasses.replace(current, turns=turns) if turns > current.turns else None
+    def _count(self, uuid: str) -> None:
+        """Count the turn in the store in the background, off the turn's path (for `calls` and EVENTS_URL)."""
 
         async def update() -> None:
             try:
-                await self.registry.change(record.uuid, counted, notify=False)
+                await self.registry.count_turn(uuid)
             except StoreError as exc:
-                log.info("turn_count_not_stored", uuid=record.uuid, reason=str(exc))
+                log.info("turn_count_not_stored", uuid=uuid, reason=str(exc))
 
         task = asyncio.create_task(update())
         self._counting.add(task)

@@ -13,6 +13,7 @@ import uuid as uuidlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 import redis
 
@@ -284,3 +285,32 @@ async def test_workers_share_redis_and_the_agi_port(tmp_path: Path, clean_redis:
     assert all(said == expected for said, expected in heard)
     assert all(counted in text for text in metrics)
     assert (tmp_path / f"serve-{proxy.port}.log").read_text().count("event=agi_listening") == 2
+
+
+async def test_turns_are_counted_exactly_across_replicas(tmp_path: Path, clean_redis: None) -> None:
+    """Eight one-message turns sent in pairs at the same moment to two replicas, then `call_ended` on a
+    third: `avr-llm-proxy calls` shows 8 turns (a body's history would say 1), and every key the
+    product wrote in Redis has an expiry."""
+    call = str(uuidlib.uuid4())
+    async with running_api() as api, replicas(tmp_path, 3, STORE_URL=REDIS_URL, API_URL=api.url) as (a, b, c):
+        await register_caller(a.url, call, "+593987654321", "Juan Perez", None, "json")
+        for round_ in range(4):
+            pair = await asyncio.gather(*(play_call(replica.url, call, [f"mensaje {round_}"]) for replica in (a, b)))
+            assert all(turns[0].sentences and not turns[0].problems for turns in pair)
+        ended = orjson.dumps({"uuid": call, "type": "call_ended", "timestamp": "2026-12-06T02:00:00.000Z",
+                              "payload": {}})
+        assert (await http_request(f"{c.url}/events", ended)).status == 200
+        client = redis.Redis.from_url(REDIS_URL)
+        deadline = time.monotonic() + 10  # each count is written just after its turn's last byte
+        while int(client.get(f"avrlp:count:{call}") or 0) < 8:
+            assert time.monotonic() < deadline, "the turn counts never reached 8"
+            await asyncio.sleep(0.05)
+        listed = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "avr_llm_proxy", "calls"], cwd=tmp_path, capture_output=True,
+            text=True, timeout=60, env=clean_environ(STORE_URL=REDIS_URL, ENCRYPTION_KEY=KEY))
+        keys = {key.decode(): client.pttl(key) for key in client.scan_iter("avrlp:*")}
+    row = next(line for line in listed.stdout.splitlines() if line.startswith(call))
+    assert listed.returncode == 0 and row.split()[-1] == "8", listed.stdout + listed.stderr
+    assert row.split()[-2] != "-"  # the end is marked
+    assert {"avrlp:recent", f"avrlp:call:{call}", f"avrlp:count:{call}"} <= set(keys)
+    assert all(ttl > 0 for ttl in keys.values()), keys

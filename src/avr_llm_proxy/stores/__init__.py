@@ -60,8 +60,17 @@ class Store(Protocol):
         """Delete every value stored with `tag` and remember when (ERASURE_KEPT_S); returns how many."""
         ...
 
-    async def recent(self, limit: int) -> list[bytes]:
-        """The values expiring last (the newest calls), at most `limit`."""
+    async def count(self, key: str, by: int = 1) -> int | None:
+        """Add `by` to the counter beside a live value, atomically whatever process counts at the same
+        time, and return it (by=0 reads it); None when there is no live value.
+
+        The counter lives and goes with its value (expiry, delete, erasure) and survives its
+        replacement; a value written where none was live starts at 0.
+        """
+        ...
+
+    async def recent(self, limit: int) -> list[tuple[bytes, int]]:
+        """The values expiring last (the newest calls), each with its counter, at most `limit`."""
         ...
 
     def listen(self, on_key: Callable[[str], None]) -> None:

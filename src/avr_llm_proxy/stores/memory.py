@@ -16,6 +16,7 @@ class MemoryStore:
     def __init__(self, max_entries: int = 1_000_000) -> None:
         self._data: dict[str, tuple[float, bytes, str | None]] = {}
         self._erased: dict[str, float] = {}  # tag: when
+        self._counts: dict[str, int] = {}
         self._max_entries = max_entries
 
     async def put(self, key: str, value: bytes, expires_at: float, tag: str | None = None, replace: bool = True,
@@ -25,11 +26,15 @@ class MemoryStore:
             return False
         if tag is not None and born is not None and self._erased.get(tag, float("-inf")) >= born:
             return False
+        if current is None or current[0] <= time.time():
+            self._counts.pop(key, None)
         if len(self._data) >= self._max_entries and key not in self._data:
             await self.purge_expired(time.time())
             if len(self._data) >= self._max_entries:
                 # Bounded memory: the oldest inserted record goes first.
-                del self._data[next(iter(self._data))]
+                oldest = next(iter(self._data))
+                del self._data[oldest]
+                self._counts.pop(oldest, None)
         self._data[key] = (expires_at, value, tag)
         return True
 
@@ -50,10 +55,18 @@ class MemoryStore:
             return None
         if entry[0] <= time.time():
             self._data.pop(key, None)
+            self._counts.pop(key, None)
             return None
         return entry[1]
 
+    async def count(self, key: str, by: int = 1) -> int | None:
+        if await self.get(key) is None:
+            return None
+        counted = self._counts[key] = self._counts.get(key, 0) + by
+        return counted
+
     async def delete(self, key: str) -> bool:
+        self._counts.pop(key, None)
         return self._data.pop(key, None) is not None
 
     async def delete_tagged(self, tag: str) -> int:
@@ -61,11 +74,12 @@ class MemoryStore:
         keys = [key for key, entry in self._data.items() if entry[2] == tag]
         for key in keys:
             del self._data[key]
+            self._counts.pop(key, None)
         return len(keys)
 
-    async def recent(self, limit: int) -> list[bytes]:
-        newest = sorted(self._data.values(), key=lambda entry: entry[0], reverse=True)[:limit]
-        return [entry[1] for entry in newest if entry[0] > time.time()]
+    async def recent(self, limit: int) -> list[tuple[bytes, int]]:
+        newest = sorted(self._data.items(), key=lambda item: item[1][0], reverse=True)[:limit]
+        return [(entry[1], self._counts.get(key, 0)) for key, entry in newest if entry[0] > time.time()]
 
     def listen(self, on_key: Callable[[str], None]) -> None:
         return None  # one process: every put already wakes its waiters
@@ -76,6 +90,7 @@ class MemoryStore:
         expired = [key for key, entry in self._data.items() if entry[0] <= now]
         for key in expired:
             del self._data[key]
+            self._counts.pop(key, None)
         return len(expired)
 
     async def ping(self) -> None:
@@ -83,3 +98,4 @@ class MemoryStore:
 
     async def close(self) -> None:
         self._data.clear()
+        self._counts.clear()

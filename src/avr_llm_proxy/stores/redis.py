@@ -1,9 +1,10 @@
 """A store in Redis, shared by every replica: one key per call with its expiry, nothing scanned.
 
-Keys (prefix `avrlp:`): `call:<uuid>` holds the sealed record with a TTL; `tag:<hash>` is the set of
+Keys (prefix `avrlp:`), every one with an expiry: `call:<uuid>` holds the sealed record with a TTL;
+`count:<uuid>` its counter (the turns), expiring with it; `tag:<hash>` is the set of
 calls of one number (for erasure), expiring with its newest call; `erased:<hash>` the time that
 number was erased (kept 7 days); `recent` is a sorted set of call ids trimmed to the last 1,000
-(for `avr-llm-proxy calls`). A capture is published on `captured`, so
+(for `avr-llm-proxy calls`), living as long as its newest call. A capture is published on `captured`, so
 a turn waiting on another replica wakes at once instead of polling.
 """
 
@@ -27,12 +28,14 @@ log = structlog.get_logger("avr_llm_proxy.stores.redis")
 PREFIX = "avrlp:"
 CHANNEL = PREFIX + "captured"
 RECENT = PREFIX + "recent"
+COUNT = PREFIX + "count:"
 RECENT_SIZE = 1000
 MAX_CONNECTIONS = 64
 POOL_WAIT_S = 2.0
 # Writes are Lua scripts: each value is written with its indexes (the tag erasure finds it by, the
 # recent-calls list) and its news in one step, so no record is ever in Redis without its tag. KEYS:
-# the value, its tag's set, the recent-calls index; ARGV[4..8]: the key, its expiry (the index's
+# the value, its tag's set, the recent-calls index, the erasure mark, the counter (its expiry follows
+# the value's, the index's the newest value's); ARGV[4..8]: the key, its expiry (the index's
 # score), tagged, notify, the channel. PTTL instead of SET KEEPTTL or PEXPIRE NX/GT: those need
 # Redis 6 and 7; Redis 5 refuses a write after PTTL (a "random" command) unless effects are replicated.
 _INDEXED = f"""
@@ -45,6 +48,8 @@ local function indexed(ttl)
   end
   redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
   redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -{RECENT_SIZE + 1})
+  if redis.call('PTTL', KEYS[3]) < tonumber(ttl) then redis.call('PEXPIRE', KEYS[3], ttl) end
+  if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('PEXPIRE', KEYS[5], ttl) end
   if ARGV[7] == '1' then redis.call('PUBLISH', ARGV[8], ARGV[4]) end
 end
 """
@@ -69,12 +74,13 @@ return 1
 # deletion, unindexed): the mark of when (so no copy captured before it is written back), every call
 # of the tag with its index entries, the news for replicas (each call, then the tag: they drop the
 # copies they hold). KEYS: the tag's set, its erasure mark, the recent calls; ARGV: when, how long
-# the mark is kept (ms), the calls' key prefix, the channel, the tag's message.
+# the mark is kept (ms), the calls' key prefix, the channel, the tag's message, the counters' prefix.
 _ERASE = """
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 local deleted = 0
 for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   deleted = deleted + redis.call('DEL', ARGV[3] .. member)
+  redis.call('DEL', ARGV[6] .. member)
   redis.call('ZREM', KEYS[3], member)
   redis.call('PUBLISH', ARGV[4], '-' .. member)
 end
@@ -99,6 +105,16 @@ else
   indexed(ARGV[3])
 end
 return 1
+"""
+
+# A counter beside a live value, expiring with it. KEYS: the value, the counter; ARGV[1]: how much.
+_COUNT = """
+redis.replicate_commands()
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then return false end
+local counted = redis.call('INCRBY', KEYS[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ttl)
+return counted
 """
 
 
@@ -130,6 +146,7 @@ class RedisStore:
         self._put = self._client.register_script(_PUT)
         self._swap = self._client.register_script(_SWAP)
         self._erase = self._client.register_script(_ERASE)
+        self._count = self._client.register_script(_COUNT)
         self._listener: asyncio.Task[None] | None = None
 
     @contextlib.asynccontextmanager
@@ -152,7 +169,8 @@ class RedisStore:
     def _written(key: str, tag: str | None) -> list[str]:
         """The KEYS of a write: the value, its tag's set (untouched without a tag), the recent calls, and
         when the tag was erased."""
-        return [PREFIX + "call:" + key, PREFIX + "tag:" + (tag or ""), RECENT, PREFIX + "erased:" + (tag or "")]
+        return [PREFIX + "call:" + key, PREFIX + "tag:" + (tag or ""), RECENT, PREFIX + "erased:" + (tag or ""),
+                COUNT + key]
 
     @staticmethod
     def _indexing(key: str, expires_at: float, tag: str | None, notify: bool) -> list[str | float]:
@@ -186,20 +204,28 @@ class RedisStore:
     async def delete(self, key: str) -> bool:
         async with self._answered("delete"):
             deleted = bool(await self._client.delete(PREFIX + "call:" + key))
+            await self._client.delete(COUNT + key)
             await self._client.publish(CHANNEL, "-" + key)
         return deleted
 
     async def delete_tagged(self, tag: str) -> int:
         async with self._answered("erase"):
             deleted = await self._erase(keys=[PREFIX + "tag:" + tag, PREFIX + "erased:" + tag, RECENT], args=[
-                time.time(), ERASURE_KEPT_S * 1000, PREFIX + "call:", CHANNEL, TAG_ERASED + tag])
+                time.time(), ERASURE_KEPT_S * 1000, PREFIX + "call:", CHANNEL, TAG_ERASED + tag, COUNT])
         return int(deleted)
 
-    async def recent(self, limit: int) -> list[bytes]:
+    async def count(self, key: str, by: int = 1) -> int | None:
+        async with self._answered("count"):
+            counted = await self._count(keys=[PREFIX + "call:" + key, COUNT + key], args=[by])
+        return None if counted is None else int(counted)
+
+    async def recent(self, limit: int) -> list[tuple[bytes, int]]:
         async with self._answered("read"):
             keys = [_text(member) for member in await self._client.zrevrange(RECENT, 0, limit - 1)]
             values = await self._client.mget([PREFIX + "call:" + key for key in keys]) if keys else []
-        return [_bytes(value) for value in values if value is not None]
+            counts = await self._client.mget([COUNT + key for key in keys]) if keys else []
+        return [(_bytes(value), int(count or 0)) for value, count in zip(values, counts, strict=True)
+                if value is not None]
 
     async def purge_expired(self, now: float) -> int:
         """Redis expires call keys itself; only the recent-calls index needs trimming."""

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS calls (
     key TEXT PRIMARY KEY,
     value BLOB NOT NULL,
     expires_at REAL NOT NULL,
-    tag TEXT
+    tag TEXT,
+    counter INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS calls_expiry ON calls (expires_at);
 CREATE INDEX IF NOT EXISTS calls_tag ON calls (tag);
@@ -92,6 +93,8 @@ class SqliteStore:
             columns = {row[1] for row in self._writer.execute("PRAGMA table_info(calls)")}
             if columns and "tag" not in columns:  # a database from before erasure by number
                 self._writer.execute("ALTER TABLE calls ADD COLUMN tag TEXT")
+            if columns and "counter" not in columns:  # a database from before counted turns
+                self._writer.execute("ALTER TABLE calls ADD COLUMN counter INTEGER NOT NULL DEFAULT 0")
             self._writer.executescript(_SCHEMA)
             self._reader = _connect(path)
             self._get = self._reader.cursor()  # one cursor for the turn path's look-ups, not one per read
@@ -191,14 +194,17 @@ class SqliteStore:
         if tag is not None and born is not None:
             source = "SELECT ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM erased WHERE tag = ? AND at >= ?)"
             params += (tag, born)
-        # Without replace, only an expired row (not yet purged) may be overwritten.
+        # The counter goes on over a live row and starts again over an expired one (not yet purged).
+        now = time.time()
+        params += (now,)
+        # Without replace, only an expired row may be overwritten.
         condition = "" if replace else " WHERE calls.expires_at <= ?"
         if not replace:
-            params += (time.time(),)
+            params += (now,)
         changed = await self._write(
             f"INSERT INTO calls (key, value, expires_at, tag) {source} "
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at, "
-            "tag = excluded.tag" + condition,
+            "tag = excluded.tag, counter = CASE WHEN calls.expires_at > ? THEN calls.counter ELSE 0 END" + condition,
             params, key,
         )
         return changed > 0
@@ -233,17 +239,30 @@ class SqliteStore:
             raise StoreError(f"SQLite read failed: {exc}") from exc
         return None if row is None else bytes(row[0])
 
+    async def count(self, key: str, by: int = 1) -> int | None:
+        # Quiet: the value is unchanged, so the records other processes hold stay good.
+        if by and not await self._write("UPDATE calls SET counter = counter + ? WHERE key = ? AND expires_at > ?",
+                                        (by, key, time.time()), key, notify=False):
+            return None
+        try:
+            row = self._reader.execute(
+                "SELECT counter FROM calls WHERE key = ? AND expires_at > ?", (key, time.time())).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite read failed: {exc}") from exc
+        return None if row is None else int(row[0])
+
     async def delete(self, key: str) -> bool:
         return await self._write("DELETE FROM calls WHERE key = ?", (key,), key) > 0
 
-    async def recent(self, limit: int) -> list[bytes]:
+    async def recent(self, limit: int) -> list[tuple[bytes, int]]:
         try:
             rows = self._reader.execute(
-                "SELECT value FROM calls WHERE expires_at > ? ORDER BY expires_at DESC LIMIT ?", (time.time(), limit)
+                "SELECT value, counter FROM calls WHERE expires_at > ? ORDER BY expires_at DESC LIMIT ?",
+                (time.time(), limit),
             ).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite read failed: {exc}") from exc
-        return [bytes(row[0]) for row in rows]
+        return [(bytes(row[0]), int(row[1])) for row in rows]
 
     def listen(self, on_key: Callable[[str], None]) -> None:
         return None  # no change feed in SQLite: waiters poll every poll_interval
