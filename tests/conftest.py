@@ -103,6 +103,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     # so only the total deadline applies unless a test sets the others.
     values.setdefault("api_first_byte_timeout_ms", values["api_timeout_ms"])
     values.setdefault("api_connect_timeout_ms", values["api_timeout_ms"])
+    values.setdefault("store_timeout_ms", 10_000)  # the same lag: a test of the store's deadline sets it
     (tmp_path / "callerid").mkdir(exist_ok=True)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 

@@ -79,6 +79,7 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
             region=settings.default_region, caller_wait_s=settings.caller_wait_ms / 1000,
             fallback_message=settings.fallback_message, filler_after_s=settings.filler_after_ms / 1000,
             filler_message=settings.filler_message, keep_stale_turns=settings.keep_stale_turns,
+            history_s=settings.history_days * 86400,
         ),
     )
     lifecycle = Lifecycle(registry, settings.default_region, settings.number_format, settings.events_url,

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import orjson
 import structlog
 
+from .history import CallerHistory, kept_for
 from .identity import UNKNOWN_CALLER, CallerId
 from .observability import CAPTURES
 from .privacy import Sealer, SealError, hash_number
@@ -52,11 +53,14 @@ class CallRecord:
     # The call's lifecycle, from avr-core's webhooks (POST /events); its turns are counted by the store.
     started_at: float | None = None
     ended_at: float | None = None
+    # The caller's calls before this one (HISTORY_DAYS), noted by the call's first turn.
+    history: CallerHistory | None = None
 
     def to_bytes(self) -> bytes:
         """Compact JSON, nulls left out; copied because orjson's own buffer keeps 4 KiB per object."""
         fields = {name: getattr(self, name) for name in self.__slots__}
         fields["caller"] = {key: value for key, value in self.caller.as_dict().items() if value is not None}
+        fields["history"] = self.history.as_list() if self.history else None
         return bytes(memoryview(orjson.dumps({key: value for key, value in fields.items() if value not in (None, 0)})))
 
     @classmethod
@@ -64,20 +68,24 @@ class CallRecord:
         raw: dict[str, Any] = orjson.loads(data)
         known = {name: raw[name] for name in cls.__slots__ if name in raw}
         known["caller"] = CallerId.from_dict(raw["caller"])
+        if "history" in known:
+            known["history"] = CallerHistory(*known["history"])
         return cls(**known)
 
 
 def recaptured(current: CallRecord, capture: CallRecord) -> CallRecord:
     """A call's record after a new capture: a withheld caller stays withheld, the call's lifecycle stays."""
     keep_withheld = current.caller.presentation == "withheld" != capture.caller.presentation
+    caller = current.caller if keep_withheld else capture.caller
     return dataclasses.replace(
         capture,
-        caller=current.caller if keep_withheld else capture.caller,
+        caller=caller,
         called_number=capture.called_number or current.called_number,
         channel=capture.channel or current.channel,
         uniqueid=capture.uniqueid or current.uniqueid,
         started_at=current.started_at,
         ended_at=current.ended_at,
+        history=current.history if caller.e164 == current.caller.e164 else None,
     )
 
 
@@ -423,6 +431,22 @@ class CallRegistry:
     async def forget(self, uuid: str) -> bool:
         self._known.pop(uuid, None)
         return await self.store.delete(uuid)
+
+    async def with_history(self, record: CallRecord, keep_s: float) -> CallRecord:
+        """The record with what its caller's earlier calls were, this call counted once wherever it is
+        asked (a caller without an allowed, valid number has none); kept in the record for later turns."""
+        tag = self.number_tag(record.caller) if kept_for(record.caller) else None
+        if tag is None or record.history is not None:
+            return record
+        now = time.time()
+        history = CallerHistory.from_row(
+            await self.store.note_call(tag, record.uuid, record.captured_at, now + keep_s, now + self.ttl_seconds))
+
+        def noted(current: CallRecord) -> CallRecord | None:
+            same = current.history is None and current.caller.e164 == record.caller.e164
+            return dataclasses.replace(current, history=history) if same else None
+
+        return await self.change(record.uuid, noted, notify=False) or dataclasses.replace(record, history=history)
 
     async def count_turn(self, uuid: str) -> int | None:
         """One more turn answered on this call, counted in the store whatever process answered it."""

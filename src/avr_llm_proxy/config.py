@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     )
     store_timeout_ms: int = Field(1000, ge=50, le=30_000, validation_alias="STORE_TIMEOUT_MS",
                                   description="deadline of one store operation")
+    history_days: int = Field(0, ge=0, le=3650, validation_alias="HISTORY_DAYS",
+                              description="days a caller's earlier calls are kept (0: not kept)")
     caller_ttl_seconds: int = Field(3600, ge=60, le=7 * 86400, validation_alias="CALLER_TTL_SECONDS")
     caller_wait_ms: int = Field(500, ge=0, le=10_000, validation_alias="CALLER_WAIT_MS")
     default_region: str = Field("EC", validation_alias="DEFAULT_REGION")

@@ -74,7 +74,10 @@ class DemoApi:
         given = str(name).split()[0]
         order = f"Su pedido {order_id} está {status}." if order_id else "No tiene pedidos pendientes."
         if first:
-            return f"Hola {given}, gracias por llamar. {order} ¿En qué puedo ayudarle?"
+            earlier = (caller.get("history") or {}).get("calls") or 0
+            welcome = f"Hola de nuevo {given}, gracias por volver a llamar." if earlier else \
+                f"Hola {given}, gracias por llamar."
+            return f"{welcome} {order} ¿En qué puedo ayudarle?"
         if asks_order:
             return order
         return f"Entendido, {given}. Usted dijo: {said}. ¿Algo más?"

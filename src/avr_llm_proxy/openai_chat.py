@@ -1,8 +1,9 @@
 """`UPSTREAM=openai`: an OpenAI-compatible chat-completions server as the turn's backend, caller-aware.
 
 avr-core's own history (`messages`) becomes the conversation; `SYSTEM_PROMPT` becomes its system
-message, a template that may use {caller_number}, {caller_name}, {called_number} and {presentation},
-so a plain LLM deployment greets the caller it knows. The answer streams (SSE) and each sentence is
+message, a template that may use {caller_number}, {caller_name}, {called_number}, {presentation} and
+{history_calls} (the caller's earlier calls, with HISTORY_DAYS), so a plain LLM deployment greets the
+caller it knows. The answer streams (SSE) and each sentence is
 spoken as soon as it is complete.
 
 The caller controls the name and, within 32 dialable characters, the number: they go into the
@@ -21,7 +22,6 @@ from .breaker import CircuitBreaker
 from .upstream import AnswerInfo, Deadlines, HttpClient, UpstreamRequest
 
 MAX_HISTORY = 40
-TEMPLATE_FIELDS = ("caller_number", "caller_name", "called_number", "presentation")
 
 
 class _Fields(dict[str, str]):
@@ -70,6 +70,7 @@ class ChatUpstream:
             "caller_name": _quoted(caller.name or ""),
             "called_number": _quoted(request.record.called_number or "" if request.record else ""),
             "presentation": caller.presentation,
+            "history_calls": str(request.record.history.calls) if request.record and request.record.history else "",
         }
         history = [{"role": role, "content": content} for role, content in request.history[-MAX_HISTORY:]]
         if not history or history[-1] != {"role": "user", "content": request.text}:

@@ -52,6 +52,7 @@ class TurnPolicy:
     filler_after_s: float = 0.0
     filler_message: str = "Un momento, por favor."
     keep_stale_turns: bool = False
+    history_s: float = 0.0  # HISTORY_DAYS in seconds; 0: no caller history
 
     def phone_for(self, record: CallRecord | None) -> str:
         """The bot number for the DID the caller dialled (BOT_PHONE_MAP), else BOT_PHONE."""
@@ -166,7 +167,7 @@ class Turns:
     async def _lookup(self, turn: AvrTurn) -> CallRecord | None:
         record = await self.registry.get(turn.uuid)
         if record is not None:
-            return await self.registry.touch(record)
+            return await self._with_history(await self.registry.touch(record))
         if turn.body_caller is not None:
             # For this turn only, never stored: any client may write a body, and a stored caller would
             # stand for the whole call and refuse the dialplan's real capture (already_captured).
@@ -179,7 +180,18 @@ class Turns:
         CALLER_WAIT.labels(result="found" if record else "timeout").inc()
         if record is None:
             log.info("caller_not_captured", uuid=turn.uuid, waited_ms=round(self.policy.caller_wait_s * 1000))
-        return record
+            return None
+        return await self._with_history(record)
+
+    async def _with_history(self, record: CallRecord) -> CallRecord:
+        """A captured caller's earlier calls, noted by the call's first turn (later ones find them in the record)."""
+        if not self.policy.history_s or record.history is not None:
+            return record
+        try:
+            return await self.registry.with_history(record, self.policy.history_s)
+        except StoreError as exc:
+            log.warning("history_unavailable", uuid=record.uuid, reason=str(exc))
+            return record
 
     def _take_off(self, uuid: str, turn: int) -> _Flight:
         """Register this turn; an earlier turn of the call still waiting for the API gives way to it.
@@ -201,7 +213,7 @@ class Turns:
     async def _answer(self, turn: AvrTurn, record: CallRecord | None, outcome: _Outcome) -> None:
         request = UpstreamRequest(
             uuid=turn.uuid, turn=turn.turn, text=turn.message, record=record, phone=self.policy.phone_for(record),
-            number_format=self.policy.number_format, history=turn.history,
+            number_format=self.policy.number_format, history=turn.history, with_history=self.policy.history_s > 0,
         )
         flight = self._take_off(turn.uuid, turn.turn)
         try:

@@ -52,6 +52,7 @@ class UpstreamRequest:
     phone: str
     number_format: NumberFormat
     history: tuple[tuple[str, str], ...] = ()
+    with_history: bool = False  # HISTORY_DAYS is on: `caller.history` is sent, null when there is none
 
     @property
     def caller(self) -> CallerId:
@@ -82,24 +83,27 @@ class Upstream(Protocol):
 
 def build_payload(request: UpstreamRequest) -> dict[str, Any]:
     """The seed's four keys, then the additive ones; a withheld caller carries no number anywhere."""
-    caller = request.caller
+    caller, record = request.caller, request.record
+    fields: dict[str, Any] = {
+        "e164": caller.e164,
+        "raw": caller.raw,
+        "national": caller.national,
+        "presentation": caller.presentation,
+        "valid": caller.valid,
+        "type": caller.number_type,
+        "region": caller.region,
+        "source": caller.source,
+    }
+    if request.with_history:
+        fields["history"] = record.history.payload() if record and record.history else None
     return {
         "phone": request.phone,
         "text": request.text,
         "caller_number": caller.caller_number(request.number_format),
         "conversation_id": request.uuid,
         "caller_name": caller.name,
-        "caller": {
-            "e164": caller.e164,
-            "raw": caller.raw,
-            "national": caller.national,
-            "presentation": caller.presentation,
-            "valid": caller.valid,
-            "type": caller.number_type,
-            "region": caller.region,
-            "source": caller.source,
-        },
-        "called_number": request.record.called_number if request.record else None,
+        "caller": fields,
+        "called_number": record.called_number if record else None,
     }
 
 

@@ -289,8 +289,8 @@ async def test_workers_share_redis_and_the_agi_port(tmp_path: Path, clean_redis:
 
 async def test_turns_are_counted_exactly_across_replicas(tmp_path: Path, clean_redis: None) -> None:
     """Eight one-message turns sent in pairs at the same moment to two replicas, then `call_ended` on a
-    third: `avr-llm-proxy calls` shows 8 turns (a body's history would say 1), and every key the
-    product wrote in Redis has an expiry."""
+    third: `avr-llm-proxy calls` shows 8 turns (a body's history would say 1), every key the product
+    wrote in Redis has an expiry, and without HISTORY_DAYS none is a caller's history."""
     call = str(uuidlib.uuid4())
     async with running_api() as api, replicas(tmp_path, 3, STORE_URL=REDIS_URL, API_URL=api.url) as (a, b, c):
         await register_caller(a.url, call, "+593987654321", "Juan Perez", None, "json")
@@ -314,3 +314,39 @@ async def test_turns_are_counted_exactly_across_replicas(tmp_path: Path, clean_r
     assert row.split()[-2] != "-"  # the end is marked
     assert {"avrlp:recent", f"avrlp:call:{call}", f"avrlp:count:{call}"} <= set(keys)
     assert all(ttl > 0 for ttl in keys.values()), keys
+    assert not [key for key in keys if key.startswith(("avrlp:history:", "avrlp:seen:"))]  # HISTORY_DAYS=0
+
+
+async def test_caller_history_across_replicas_and_restarts(tmp_path: Path, clean_redis: None) -> None:
+    """Three calls from one number over two replicas sharing Redis, both restarted between calls: every turn
+    of each carries `caller.history.calls` 0, 1 and 2 with the call before; a withheld call carries null and
+    leaves nothing; Redis holds one history, under the number's hash."""
+    number, calls = "+593987654321", [str(uuidlib.uuid4()) for _ in range(3)]
+    withheld = str(uuidlib.uuid4())
+    async with running_api() as api, replicas(tmp_path, 2, STORE_URL=REDIS_URL, API_URL=api.url,
+                                              HISTORY_DAYS="30") as pair:
+        for index, call in enumerate(calls):
+            await register_caller(pair[index % 2].url, call, number, "Juan Perez", None, "json")
+            for turn in range(3):
+                assert (await greeting(pair[(index + turn) % 2].url, call)).startswith("Hola")
+            for replica in pair:  # a restart between calls: the history is in Redis, not in the processes
+                replica.stop()
+                await replica.start()
+        await register_caller(pair[0].url, withheld, "anonymous", None, None, "json")
+        await greeting(pair[1].url, withheld)
+        keys = sorted(key.decode() for key in redis.Redis.from_url(REDIS_URL).scan_iter("avrlp:history:*"))
+    histories: dict[str, list[dict[str, object]]] = {}
+    for payload in api.received:
+        histories.setdefault(payload["conversation_id"], []).append(payload["caller"]["history"])
+    assert [len(histories[call]) for call in calls] == [3, 3, 3]
+    assert all(history == histories[calls[0]][0] for history in histories[calls[0]])
+    assert histories[calls[0]][0] == {"calls": 0, "first_call_at": None, "last_call_at": None,
+                                      "last_conversation_id": None}
+    for earlier, (index, call) in zip(calls, enumerate(calls[1:], 1), strict=False):
+        assert all(history == histories[call][0] for history in histories[call])
+        history = histories[call][0]
+        assert history["calls"] == index and history["last_conversation_id"] == earlier
+        assert str(history["first_call_at"]).endswith("Z") and str(history["last_call_at"]).endswith("Z")
+    assert histories[calls[2]][0]["first_call_at"] == histories[calls[1]][0]["first_call_at"]
+    assert histories[withheld] == [None]
+    assert len(keys) == 1 and "593987654321" not in keys[0]

@@ -13,6 +13,11 @@ ERASURE_KEPT_S = 7 * 86400
 # not keep a caller in silence; a capture that misses it is logged and Asterisk goes on.
 DEADLINE_S = 1.0
 
+# What a store knows of a number's calls before one of them: how many, the first's and the last's
+# start (Unix seconds) and the last one's key.
+HistoryRow = tuple[int, float | None, float | None, str | None]
+NO_HISTORY: HistoryRow = (0, None, None, None)
+
 
 class StoreError(Exception):
     """The store cannot be reached or used; carries what went wrong for the log line."""
@@ -57,7 +62,8 @@ class Store(Protocol):
         ...
 
     async def delete_tagged(self, tag: str) -> int:
-        """Delete every value stored with `tag` and remember when (ERASURE_KEPT_S); returns how many."""
+        """Delete every value stored with `tag`, and its calls' history, and remember when (ERASURE_KEPT_S);
+        returns how many values went."""
         ...
 
     async def count(self, key: str, by: int = 1) -> int | None:
@@ -66,6 +72,15 @@ class Store(Protocol):
 
         The counter lives and goes with its value (expiry, delete, erasure) and survives its
         replacement; a value written where none was live starts at 0.
+        """
+        ...
+
+    async def note_call(self, tag: str, key: str, at: float, keep_until: float, seen_until: float) -> HistoryRow:
+        """Count call `key`, started at `at`, among the calls of the number with `tag`, once however often
+        and wherever it is noted, and return what was known before it (the same answer every time).
+
+        The number's entry lives until `keep_until` (renewed by each call); the note that `key` was
+        counted until `seen_until`. `delete_tagged(tag)` erases the entry.
         """
         ...
 

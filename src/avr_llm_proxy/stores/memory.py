@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from . import ERASURE_KEPT_S
+from . import ERASURE_KEPT_S, NO_HISTORY, HistoryRow
 
 
 class MemoryStore:
@@ -17,6 +17,8 @@ class MemoryStore:
         self._data: dict[str, tuple[float, bytes, str | None]] = {}
         self._erased: dict[str, float] = {}  # tag: when
         self._counts: dict[str, int] = {}
+        self._history: dict[str, tuple[HistoryRow, float]] = {}  # tag: (calls so far, until when)
+        self._seen: dict[str, tuple[str, HistoryRow, float]] = {}  # call: (tag, what was known before it, until)
         self._max_entries = max_entries
 
     async def put(self, key: str, value: bytes, expires_at: float, tag: str | None = None, replace: bool = True,
@@ -65,12 +67,26 @@ class MemoryStore:
         counted = self._counts[key] = self._counts.get(key, 0) + by
         return counted
 
+    async def note_call(self, tag: str, key: str, at: float, keep_until: float, seen_until: float) -> HistoryRow:
+        now = time.time()
+        seen = self._seen.get(key)
+        if seen is not None and seen[2] > now:
+            return seen[1]
+        entry = self._history.get(tag)
+        before = entry[0] if entry is not None and entry[1] > now else NO_HISTORY
+        self._history[tag] = ((before[0] + 1, before[1] or at, at, key), keep_until)
+        self._seen[key] = (tag, before, seen_until)
+        return before
+
     async def delete(self, key: str) -> bool:
         self._counts.pop(key, None)
         return self._data.pop(key, None) is not None
 
     async def delete_tagged(self, tag: str) -> int:
         self._erased[tag] = time.time()
+        self._history.pop(tag, None)
+        for call in [call for call, seen in self._seen.items() if seen[0] == tag]:
+            del self._seen[call]
         keys = [key for key, entry in self._data.items() if entry[2] == tag]
         for key in keys:
             del self._data[key]
@@ -87,6 +103,10 @@ class MemoryStore:
     async def purge_expired(self, now: float) -> int:
         for tag in [tag for tag, when in self._erased.items() if when <= now - ERASURE_KEPT_S]:
             del self._erased[tag]
+        for tag in [tag for tag, entry in self._history.items() if entry[1] <= now]:
+            del self._history[tag]
+        for call in [call for call, seen in self._seen.items() if seen[2] <= now]:
+            del self._seen[call]
         expired = [key for key, entry in self._data.items() if entry[0] <= now]
         for key in expired:
             del self._data[key]
@@ -99,3 +119,5 @@ class MemoryStore:
     async def close(self) -> None:
         self._data.clear()
         self._counts.clear()
+        self._history.clear()
+        self._seen.clear()

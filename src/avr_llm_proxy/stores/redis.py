@@ -1,7 +1,8 @@
 """A store in Redis, shared by every replica: one key per call with its expiry, nothing scanned.
 
 Keys (prefix `avrlp:`), every one with an expiry: `call:<uuid>` holds the sealed record with a TTL;
-`count:<uuid>` its counter (the turns), expiring with it; `tag:<hash>` is the set of
+`count:<uuid>` its counter (the turns), expiring with it; `history:<hash>` a number's earlier calls
+(`HISTORY_DAYS`) and `seen:<uuid>` what a call was told of them; `tag:<hash>` is the set of
 calls of one number (for erasure), expiring with its newest call; `erased:<hash>` the time that
 number was erased (kept 7 days); `recent` is a sorted set of call ids trimmed to the last 1,000
 (for `avr-llm-proxy calls`), living as long as its newest call. A capture is published on `captured`, so
@@ -21,7 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from . import DEADLINE_S, ERASURE_KEPT_S, TAG_ERASED, StoreError
+from . import DEADLINE_S, ERASURE_KEPT_S, TAG_ERASED, HistoryRow, StoreError
 
 log = structlog.get_logger("avr_llm_proxy.stores.redis")
 
@@ -29,6 +30,8 @@ PREFIX = "avrlp:"
 CHANNEL = PREFIX + "captured"
 RECENT = PREFIX + "recent"
 COUNT = PREFIX + "count:"
+HISTORY = PREFIX + "history:"
+SEEN = PREFIX + "seen:"
 RECENT_SIZE = 1000
 MAX_CONNECTIONS = 64
 POOL_WAIT_S = 2.0
@@ -73,10 +76,11 @@ return 1
 # Erasure by number in one step (no capture of that number lands between the look-up and the
 # deletion, unindexed): the mark of when (so no copy captured before it is written back), every call
 # of the tag with its index entries, the news for replicas (each call, then the tag: they drop the
-# copies they hold). KEYS: the tag's set, its erasure mark, the recent calls; ARGV: when, how long
+# copies they hold). KEYS: the tag's set, its erasure mark, the recent calls, its history; ARGV: when, how long
 # the mark is kept (ms), the calls' key prefix, the channel, the tag's message, the counters' prefix.
 _ERASE = """
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('DEL', KEYS[4])
 local deleted = 0
 for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   deleted = deleted + redis.call('DEL', ARGV[3] .. member)
@@ -116,6 +120,27 @@ local counted = redis.call('INCRBY', KEYS[2], ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ttl)
 return counted
 """
+# One call counted once among its number's calls; the answer (what was known before it) is kept for
+# the call's later notes. KEYS: the number's history, the call's note; ARGV: the call, its start, the
+# history's and the note's expiry (Unix ms). Answers "calls|first|last|key", empty for none.
+_NOTE_CALL = """
+redis.replicate_commands()
+local seen = redis.call('GET', KEYS[2])
+if seen then return seen end
+local h = redis.call('HMGET', KEYS[1], 'calls', 'first', 'last', 'key')
+local before = (h[1] or '0') .. '|' .. (h[2] or '') .. '|' .. (h[3] or '') .. '|' .. (h[4] or '')
+redis.call('HSET', KEYS[1], 'calls', tonumber(h[1] or '0') + 1, 'first', h[2] or ARGV[2], 'last', ARGV[2],
+           'key', ARGV[1])
+redis.call('PEXPIREAT', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[2], before)
+redis.call('PEXPIREAT', KEYS[2], ARGV[4])
+return before
+"""
+
+
+def _history_row(answer: str) -> HistoryRow:
+    calls, first, last, key = answer.split("|")
+    return int(calls), float(first) if first else None, float(last) if last else None, key or None
 
 
 def _bytes(value: object) -> bytes:
@@ -147,6 +172,7 @@ class RedisStore:
         self._swap = self._client.register_script(_SWAP)
         self._erase = self._client.register_script(_ERASE)
         self._count = self._client.register_script(_COUNT)
+        self._note_call = self._client.register_script(_NOTE_CALL)
         self._listener: asyncio.Task[None] | None = None
 
     @contextlib.asynccontextmanager
@@ -210,7 +236,8 @@ class RedisStore:
 
     async def delete_tagged(self, tag: str) -> int:
         async with self._answered("erase"):
-            deleted = await self._erase(keys=[PREFIX + "tag:" + tag, PREFIX + "erased:" + tag, RECENT], args=[
+            keys = [PREFIX + "tag:" + tag, PREFIX + "erased:" + tag, RECENT, HISTORY + tag]
+            deleted = await self._erase(keys=keys, args=[
                 time.time(), ERASURE_KEPT_S * 1000, PREFIX + "call:", CHANNEL, TAG_ERASED + tag, COUNT])
         return int(deleted)
 
@@ -218,6 +245,12 @@ class RedisStore:
         async with self._answered("count"):
             counted = await self._count(keys=[PREFIX + "call:" + key, COUNT + key], args=[by])
         return None if counted is None else int(counted)
+
+    async def note_call(self, tag: str, key: str, at: float, keep_until: float, seen_until: float) -> HistoryRow:
+        async with self._answered("history"):
+            answer = await self._note_call(keys=[HISTORY + tag, SEEN + key], args=[
+                key, repr(at), int(keep_until * 1000), int(seen_until * 1000)])
+        return _history_row(_text(answer))
 
     async def recent(self, limit: int) -> list[tuple[bytes, int]]:
         async with self._answered("read"):

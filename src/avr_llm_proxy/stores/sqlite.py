@@ -20,10 +20,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
-from . import DEADLINE_S, ERASURE_KEPT_S, StoreError
+from . import DEADLINE_S, ERASURE_KEPT_S, NO_HISTORY, HistoryRow, StoreError
 from .stamps import ChangeStamps
 
 log = structlog.get_logger("avr_llm_proxy.stores.sqlite")
@@ -43,20 +44,43 @@ CREATE TABLE IF NOT EXISTS erased (
     tag TEXT PRIMARY KEY,
     at REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS history (
+    tag TEXT PRIMARY KEY,
+    calls INTEGER NOT NULL,
+    first_at REAL NOT NULL,
+    last_at REAL NOT NULL,
+    last_key TEXT NOT NULL,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS history_seen (
+    key TEXT PRIMARY KEY,
+    tag TEXT NOT NULL,
+    calls INTEGER NOT NULL,
+    first_at REAL,
+    last_at REAL,
+    last_key TEXT,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS history_seen_tag ON history_seen (tag);
 """
+
+
+# A write that needs more than one statement (read, then write): run in the writer thread, in the
+# batch's transaction or a write transaction of its own.
+Steps = Callable[[sqlite3.Connection], Any]
 
 
 @dataclass(slots=True)
 class _Write:
-    sql: str
+    sql: str | Steps
     params: tuple[object, ...]
     key: str | None  # the key written; None: any may be
     notify: bool
     loop: asyncio.AbstractEventLoop
-    done: asyncio.Future[int]
+    done: asyncio.Future[Any]
 
 
-_Outcome = tuple[_Write, int | Exception]
+_Outcome = tuple[_Write, Any]
 
 
 def _settle(outcomes: Sequence[_Outcome]) -> None:
@@ -108,6 +132,14 @@ class SqliteStore:
         self._thread.start()
 
     async def _write(self, sql: str, params: tuple[object, ...], key: str | None, notify: bool = True) -> int:
+        """One statement; its row count."""
+        return int(await self._submit(sql, params, key, notify))
+
+    async def _steps(self, steps: Steps) -> Any:
+        """Several statements as one (a quiet write: no stamp changes); what `steps` returns."""
+        return await self._submit(steps, (), None, False)
+
+    async def _submit(self, sql: str | Steps, params: tuple[object, ...], key: str | None, notify: bool) -> Any:
         if notify and self._stamps.problem:
             raise StoreError(self._stamps.problem)
         loop = asyncio.get_running_loop()
@@ -159,9 +191,9 @@ class SqliteStore:
     def _renew_stamps(self, outcomes: Sequence[_Outcome]) -> None:
         """After the commit, so a reader that sees a new stamp finds the new row."""
         self._stamps.renew(write.key for write, result in outcomes
-                           if write.notify and not isinstance(result, Exception) and result > 0)
+                           if write.notify and isinstance(result, int) and result > 0)
 
-    def _commit(self, writes: Sequence[_Write]) -> list[int | Exception]:
+    def _commit(self, writes: Sequence[_Write]) -> list[Any]:
         """One transaction for all; if any statement fails, each again on its own so only it fails.
 
         Raises only when a failed transaction cannot be ended: then none of them may be trusted.
@@ -169,19 +201,35 @@ class SqliteStore:
         if len(writes) > 1:
             try:
                 self._writer.execute("BEGIN IMMEDIATE")
-                changed: list[int | Exception] = [self._writer.execute(write.sql, write.params).rowcount
-                                                  for write in writes]
+                changed = [self._run(write) for write in writes]
                 self._writer.execute("COMMIT")
                 return changed
             except Exception:
                 self._end_transaction()
-        results: list[int | Exception] = []
+        results: list[Any] = []
         for write in writes:
             try:
-                results.append(self._writer.execute(write.sql, write.params).rowcount)
+                results.append(self._run(write))
             except Exception as exc:
                 results.append(exc)
         return results
+
+    def _run(self, write: _Write) -> Any:
+        if isinstance(write.sql, str):
+            return self._writer.execute(write.sql, write.params).rowcount
+        # On its own, a write transaction from the start: a read that later wants to write cannot wait
+        # for another process's lock (SQLite answers "locked" at once); in a batch, a savepoint.
+        alone = not self._writer.in_transaction
+        self._writer.execute("BEGIN IMMEDIATE" if alone else "SAVEPOINT steps")
+        try:
+            result = write.sql(self._writer)
+        except Exception:
+            self._writer.execute("ROLLBACK" if alone else "ROLLBACK TO steps")
+            if not alone:
+                self._writer.execute("RELEASE steps")
+            raise
+        self._writer.execute("COMMIT" if alone else "RELEASE steps")
+        return result
 
     def _end_transaction(self) -> None:
         if self._writer.in_transaction:
@@ -224,10 +272,31 @@ class SqliteStore:
     def stamp(self, key: str) -> bytes | None:
         return self._stamps.read(key)
 
+    async def note_call(self, tag: str, key: str, at: float, keep_until: float, seen_until: float) -> HistoryRow:
+        def noted(conn: sqlite3.Connection) -> HistoryRow:
+            now = time.time()
+            columns = "calls, first_at, last_at, last_key"
+            seen = conn.execute(f"SELECT {columns} FROM history_seen WHERE key = ? AND expires_at > ?",
+                                (key, now)).fetchone()
+            if seen is not None:
+                return (int(seen[0]), seen[1], seen[2], seen[3])
+            row = conn.execute(f"SELECT {columns} FROM history WHERE tag = ? AND expires_at > ?", (tag, now)).fetchone()
+            before: HistoryRow = (int(row[0]), row[1], row[2], row[3]) if row is not None else NO_HISTORY
+            conn.execute(f"INSERT OR REPLACE INTO history (tag, {columns}, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                         (tag, before[0] + 1, before[1] or at, at, key, keep_until))
+            conn.execute(f"INSERT OR REPLACE INTO history_seen (key, tag, {columns}, expires_at) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)", (key, tag, *before, seen_until))
+            return before
+
+        result: HistoryRow = await self._steps(noted)
+        return result
+
     async def delete_tagged(self, tag: str) -> int:
         # The mark first: a put of an older value committed between the two is refused or deleted.
         await self._write("INSERT OR REPLACE INTO erased (tag, at) VALUES (?, ?)", (tag, time.time()), None,
                           notify=False)
+        await self._write("DELETE FROM history WHERE tag = ?", (tag,), None, notify=False)
+        await self._write("DELETE FROM history_seen WHERE tag = ?", (tag,), None, notify=False)
         return await self._write("DELETE FROM calls WHERE tag = ?", (tag,), None)
 
     async def get(self, key: str) -> bytes | None:
@@ -270,6 +339,8 @@ class SqliteStore:
     async def purge_expired(self, now: float) -> int:
         # Quiet: a process holding a record checks its expiry itself.
         await self._write("DELETE FROM erased WHERE at <= ?", (now - ERASURE_KEPT_S,), None, notify=False)
+        await self._write("DELETE FROM history WHERE expires_at <= ?", (now,), None, notify=False)
+        await self._write("DELETE FROM history_seen WHERE expires_at <= ?", (now,), None, notify=False)
         return await self._write("DELETE FROM calls WHERE expires_at <= ?", (now,), None, notify=False)
 
     async def ping(self) -> None:
