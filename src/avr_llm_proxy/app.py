@@ -27,6 +27,7 @@ from .config import Settings
 from .demo_api import DemoApi
 from .leader import HostLock, lead
 from .lifecycle import Lifecycle
+from .lookup import Lookup
 from .observability import metrics_text
 from .openai_chat import ChatUpstream
 from .privacy import Keys, number_redactor, resolve_keys
@@ -71,6 +72,8 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
     registry = CallRegistry(store, settings.caller_ttl_seconds, [files.find] if files else [], keys.sealer,
                             keys.hash_key, keys.older_hash_keys)
     upstream = choose_upstream(settings)
+    lookup = Lookup(registry, settings.lookup_url, settings.lookup_timeout_ms / 1000, settings.number_format,
+                    settings.api_token, settings.api_signing_secret) if settings.lookup_url else None
     turns = Turns(
         registry,
         upstream,
@@ -81,6 +84,7 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
             filler_message=settings.filler_message, keep_stale_turns=settings.keep_stale_turns,
             history_s=settings.history_days * 86400,
         ),
+        lookup,
     )
     lifecycle = Lifecycle(registry, settings.default_region, settings.number_format, settings.events_url,
                           token=settings.api_token, signing_secret=settings.api_signing_secret)
@@ -105,6 +109,8 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await upstream.start()
+        if lookup:
+            await lookup.start()
         registry.start()
         await lifecycle.start()
         if agi:
@@ -146,6 +152,8 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
             ami_lock.release()
             await lifecycle.close()
             await turns.close()
+            if lookup:
+                await lookup.close()
             await upstream.close()
             await store.close()
 

@@ -55,6 +55,10 @@ class CallRecord:
     ended_at: float | None = None
     # The caller's calls before this one (HISTORY_DAYS), noted by the call's first turn.
     history: CallerHistory | None = None
+    # The CRM lookup (LOOKUP_URL): "pending:<process>" while one process asks, then "done" with the
+    # answer in `contact`, or "failed:<reason>".
+    lookup: str | None = None
+    contact: dict[str, Any] | None = None
 
     def to_bytes(self) -> bytes:
         """Compact JSON, nulls left out; copied because orjson's own buffer keeps 4 KiB per object."""
@@ -86,6 +90,8 @@ def recaptured(current: CallRecord, capture: CallRecord) -> CallRecord:
         started_at=current.started_at,
         ended_at=current.ended_at,
         history=current.history if caller.e164 == current.caller.e164 else None,
+        lookup=current.lookup if caller.e164 == current.caller.e164 else None,
+        contact=current.contact if caller.e164 == current.caller.e164 else None,
     )
 
 
@@ -162,6 +168,8 @@ class CallRegistry:
         older_hash_keys: Sequence[bytes] = (),
     ) -> None:
         self.store = store
+        # Told of every capture this process stores (the CRM lookup starts there).
+        self.on_capture: list[Callable[[CallRecord], None]] = []
         self.ttl_seconds = ttl_seconds
         # Durable stores hold records sealed (AES-GCM), and a keyed hash of the number for erasure.
         self.sealer = sealer if store.durable else None
@@ -239,7 +247,7 @@ class CallRegistry:
             stored = await self._save(record, replace=False)
             if stored is not None:
                 CAPTURES.labels(source=record.caller.source).inc()
-                return stored.record
+                return self._captured(stored.record)
             # The expiry stays: a live call's turns renew it, an ended call's short retention holds.
             again = await self.change(record.uuid, lambda current: recaptured(current, record))
             if again is not None:
@@ -247,7 +255,7 @@ class CallRegistry:
                     log.info("withheld_kept", uuid=record.uuid, source=record.caller.source,
                              kept=again.caller.source)
                 CAPTURES.labels(source=record.caller.source).inc()
-                return again
+                return self._captured(again)
             # No record to capture again: it went meanwhile (then the next write is a first capture),
             # or the store refused this one because its number was erased after the capture.
         raise NumberErased("the caller's number was erased after this capture")
@@ -273,7 +281,12 @@ class CallRegistry:
         if stored is None:
             return None
         CAPTURES.labels(source=stored.record.caller.source).inc()
-        return stored.record
+        return self._captured(stored.record)
+
+    def _captured(self, record: CallRecord) -> CallRecord:
+        for listener in self.on_capture:
+            listener(record)
+        return record
 
     def number_tag(self, caller: CallerId, key: bytes | None = None) -> str | None:
         """The keyed hash a record is found by when its number must be erased."""
@@ -367,15 +380,17 @@ class CallRegistry:
                 return self._known[uuid]
         return None
 
-    async def wait(self, uuid: str, within: float) -> CallRecord | None:
-        """The record, waiting up to `within` seconds for a capture that has not happened yet."""
+    async def wait(self, uuid: str, within: float,
+                   until: Callable[[CallRecord], bool] | None = None) -> CallRecord | None:
+        """The record, waiting up to `within` seconds for a capture that has not happened yet (or for
+        the record to meet `until`: then the record as it is at the end of the wait)."""
         record = await self.get(uuid)
         deadline = time.monotonic() + within
         loop = asyncio.get_running_loop()
-        while record is None:
+        while record is None or (until is not None and not until(record)):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return None
+                return record
             waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.setdefault(uuid, []).append(waiter)
             step = remaining if self.store.poll_interval is None else min(remaining, self.store.poll_interval)

@@ -120,10 +120,12 @@ class Settings(BaseSettings):
     api_signing_secret: str = Field("", validation_alias="API_SIGNING_SECRET", repr=False)
     webhook_secret: str = Field("", validation_alias="WEBHOOK_SECRET", repr=False)
     events_url: str = Field("", validation_alias="EVENTS_URL")
+    lookup_url: str = Field("", validation_alias="LOOKUP_URL", description="CRM lookup, once per call")
+    lookup_timeout_ms: int = Field(800, ge=50, le=10_000, validation_alias="LOOKUP_TIMEOUT_MS")
     callerid_file_owners: str = Field("", validation_alias="CALLERID_FILE_OWNERS")
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576, validation_alias="MAX_BODY_BYTES")
 
-    @field_validator("api_url", "openai_base_url", "events_url")
+    @field_validator("api_url", "openai_base_url", "events_url", "lookup_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
         parts = _split(value)

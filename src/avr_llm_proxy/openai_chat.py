@@ -1,10 +1,10 @@
 """`UPSTREAM=openai`: an OpenAI-compatible chat-completions server as the turn's backend, caller-aware.
 
 avr-core's own history (`messages`) becomes the conversation; `SYSTEM_PROMPT` becomes its system
-message, a template that may use {caller_number}, {caller_name}, {called_number}, {presentation} and
-{history_calls} (the caller's earlier calls, with HISTORY_DAYS), so a plain LLM deployment greets the
-caller it knows. The answer streams (SSE) and each sentence is
-spoken as soon as it is complete.
+message, a template that may use {caller_number}, {caller_name}, {called_number}, {presentation},
+{history_calls} (the caller's earlier calls, with HISTORY_DAYS) and {contact} (the CRM lookup's answer
+as compact JSON, with LOOKUP_URL), so a plain LLM deployment greets the caller it knows. The answer
+streams (SSE) and each sentence is spoken as soon as it is complete.
 
 The caller controls the name and, within 32 dialable characters, the number: they go into the
 system message as JSON strings, quoted and escaped, so the model reads them as data and a display
@@ -64,13 +64,14 @@ class ChatUpstream:
         await self.client.close()
 
     def messages(self, request: UpstreamRequest) -> list[dict[str, str]]:
-        caller = request.caller
+        caller, record = request.caller, request.record
         values = {
             "caller_number": _quoted(caller.caller_number(request.number_format)),
             "caller_name": _quoted(caller.name or ""),
             "called_number": _quoted(request.record.called_number or "" if request.record else ""),
             "presentation": caller.presentation,
-            "history_calls": str(request.record.history.calls) if request.record and request.record.history else "",
+            "history_calls": str(record.history.calls) if record and record.history else "",
+            "contact": orjson.dumps(record.contact).decode() if record and record.contact else "",
         }
         history = [{"role": role, "content": content} for role, content in request.history[-MAX_HISTORY:]]
         if not history or history[-1] != {"role": "user", "content": request.text}:

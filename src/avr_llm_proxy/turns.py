@@ -20,6 +20,7 @@ import structlog
 from .avr import AvrRequestError, AvrTurn, frame, parse_turn
 from .calls import CallRecord, CallRegistry
 from .identity import UNKNOWN_CALLER, NumberFormat, parse_caller
+from .lookup import Lookup
 from .observability import (
     ACTIVE_TURNS,
     CALLER_WAIT,
@@ -104,10 +105,12 @@ class _Outcome:
 class Turns:
     """Answers avr-core's `/prompt-stream` requests."""
 
-    def __init__(self, registry: CallRegistry, upstream: Upstream, policy: TurnPolicy) -> None:
+    def __init__(self, registry: CallRegistry, upstream: Upstream, policy: TurnPolicy,
+                 lookup: Lookup | None = None) -> None:
         self.registry = registry
         self.upstream = upstream
         self.policy = policy
+        self.lookup = lookup
         self._fallback = [frame(sentence) for sentence in sentences(policy.fallback_message)]
         self._filler = [frame(sentence) for sentence in sentences(policy.filler_message)]
         self._flights: dict[str, _Flight] = {}
@@ -167,7 +170,7 @@ class Turns:
     async def _lookup(self, turn: AvrTurn) -> CallRecord | None:
         record = await self.registry.get(turn.uuid)
         if record is not None:
-            return await self._with_history(await self.registry.touch(record))
+            return await self._known_caller(await self.registry.touch(record))
         if turn.body_caller is not None:
             # For this turn only, never stored: any client may write a body, and a stored caller would
             # stand for the whole call and refuse the dialplan's real capture (already_captured).
@@ -181,17 +184,22 @@ class Turns:
         if record is None:
             log.info("caller_not_captured", uuid=turn.uuid, waited_ms=round(self.policy.caller_wait_s * 1000))
             return None
-        return await self._with_history(record)
+        return await self._known_caller(record)
 
-    async def _with_history(self, record: CallRecord) -> CallRecord:
-        """A captured caller's earlier calls, noted by the call's first turn (later ones find them in the record)."""
-        if not self.policy.history_s or record.history is not None:
-            return record
-        try:
-            return await self.registry.with_history(record, self.policy.history_s)
-        except StoreError as exc:
-            log.warning("history_unavailable", uuid=record.uuid, reason=str(exc))
-            return record
+    async def _known_caller(self, record: CallRecord) -> CallRecord:
+        """What the business knows of a captured caller: the earlier calls, noted by the call's first turn,
+        and the CRM lookup's answer, waited for within its deadline (later turns find both in the record)."""
+        if self.policy.history_s and record.history is None:
+            try:
+                record = await self.registry.with_history(record, self.policy.history_s)
+            except StoreError as exc:
+                log.warning("history_unavailable", uuid=record.uuid, reason=str(exc))
+        if self.lookup is not None:
+            try:
+                record = await self.lookup.contact(record)
+            except StoreError as exc:
+                log.warning("lookup_unavailable", uuid=record.uuid, reason=str(exc))
+        return record
 
     def _take_off(self, uuid: str, turn: int) -> _Flight:
         """Register this turn; an earlier turn of the call still waiting for the API gives way to it.
@@ -214,6 +222,7 @@ class Turns:
         request = UpstreamRequest(
             uuid=turn.uuid, turn=turn.turn, text=turn.message, record=record, phone=self.policy.phone_for(record),
             number_format=self.policy.number_format, history=turn.history, with_history=self.policy.history_s > 0,
+            with_contact=self.lookup is not None,
         )
         flight = self._take_off(turn.uuid, turn.turn)
         try:

@@ -53,6 +53,7 @@ class UpstreamRequest:
     number_format: NumberFormat
     history: tuple[tuple[str, str], ...] = ()
     with_history: bool = False  # HISTORY_DAYS is on: `caller.history` is sent, null when there is none
+    with_contact: bool = False  # LOOKUP_URL is set: `caller.contact` likewise
 
     @property
     def caller(self) -> CallerId:
@@ -96,6 +97,8 @@ def build_payload(request: UpstreamRequest) -> dict[str, Any]:
     }
     if request.with_history:
         fields["history"] = record.history.payload() if record and record.history else None
+    if request.with_contact:
+        fields["contact"] = record.contact if record else None
     return {
         "phone": request.phone,
         "text": request.text,
@@ -193,30 +196,14 @@ class HttpClient:
     async def stream(self, url: str, body: bytes, info: AnswerInfo, headers: dict[str, str] | None = None,
                      ) -> AsyncGenerator[str, None]:
         """The answer's text pieces; a whole (non-streamed) answer comes as one piece at the end."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.deadlines.total
+        deadline = asyncio.get_running_loop().time() + self.deadlines.total
         response = await self._response(url, body, {**self.headers, **headers} if headers else self.headers,
                                         deadline)
         info.status = response.status
         try:
             decoder = AnswerDecoder(response.headers.get("content-type", ""))
             limit = MAX_STREAM_BYTES if decoder.streaming else MAX_WHOLE_ANSWER_BYTES
-            size = 0
-            while True:
-                try:
-                    chunk = response.read_nowait()
-                    if chunk is None:  # nothing arrived yet: wait, under the whole answer's deadline
-                        async with asyncio.timeout_at(deadline):
-                            chunk = await response.read()
-                except TimeoutError:
-                    raise UpstreamError("timeout", response.status) from None
-                except HttpError as exc:
-                    raise _http_error(exc, response.status) from None
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > limit:
-                    raise UpstreamError("answer_too_large", response.status)
+            async for chunk in _chunks(response, deadline, limit):
                 for piece in decoder.feed(chunk):
                     yield piece
             for piece in decoder.end():
@@ -227,6 +214,36 @@ class HttpClient:
             # A response read to its end leaves its connection for the next turn; any other is closed.
             response.release()
 
+    async def read(self, url: str, body: bytes, limit: int, headers: dict[str, str] | None = None) -> bytes:
+        """The whole body of a 2xx answer, at most `limit` bytes, under the deadlines."""
+        deadline = asyncio.get_running_loop().time() + self.deadlines.total
+        response = await self._response(url, body, {**self.headers, **headers} if headers else self.headers,
+                                        deadline)
+        try:
+            return b"".join([chunk async for chunk in _chunks(response, deadline, limit)])
+        finally:
+            response.release()
+
+
+async def _chunks(response: Response, deadline: float, limit: int) -> AsyncGenerator[bytes, None]:
+    """A response's body as it arrives, until `deadline` (loop time) and `limit` bytes."""
+    size = 0
+    while True:
+        try:
+            chunk = response.read_nowait()
+            if chunk is None:  # nothing arrived yet: wait, under the whole answer's deadline
+                async with asyncio.timeout_at(deadline):
+                    chunk = await response.read()
+        except TimeoutError:
+            raise UpstreamError("timeout", response.status) from None
+        except HttpError as exc:
+            raise _http_error(exc, response.status) from None
+        if not chunk:
+            return
+        size += len(chunk)
+        if size > limit:
+            raise UpstreamError("answer_too_large", response.status)
+        yield chunk
 
 def _safe_to_retry(exc: HttpError) -> bool:
     if isinstance(exc, ConnectFailed):
