@@ -45,6 +45,9 @@ def listener_options() -> dict[str, Any]:
     return {
         "http": BoundedHttpToolsProtocol,
         "timeout_keep_alive": KEEP_ALIVE_S,
+        # On stop, turns under way finish (API_TIMEOUT_MS is 8 s by default); a connection that would
+        # keep the process alive longer is closed.
+        "timeout_graceful_shutdown": 30,
         "limit_concurrency": MAX_CONNECTIONS,
         "access_log": False,
         # The proxy decides who is local (/debug) from the socket, never from X-Forwarded-For.
@@ -96,7 +99,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes, self._in_head, self._begun = 0, True, True
-        if self._read_timer is None:  # a kept-alive connection's next request
+        if self._read_timer is None and not self._owed():  # a kept-alive connection's next request
             self._time_read()
 
     def on_url(self, url: bytes) -> None:
@@ -111,12 +114,26 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head, self._raw_head_bytes = False, 0
         super().on_headers_complete()
         self._stop_read_timer()
-        self._time_read()  # now for the body
+        if not self._owed():
+            self._time_read()  # now for the body
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._stop_read_timer()
         self._in_head, self._begun = True, False
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._begun and self._read_timer is None and not self._owed() and not self.transport.is_closing():
+            self._time_read()  # a request that came in during the answer is timed from its end
+
+    def _owed(self) -> bool:
+        """An answer is still owed to a request before the one being read (pipelining): its client waits
+        on us, it is not late. Once a head is read, uvicorn's `cycle` is that request's own; the ones it
+        waits behind hold it in `pipeline`."""
+        if self._in_head:
+            return self.cycle is not None and not self.cycle.response_complete
+        return bool(self.pipeline)
 
     def _count(self, size: int) -> None:
         self._head_bytes += size
@@ -133,7 +150,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._read_timer = None
 
     def _read_timed_out(self) -> None:
-        """The head or body is late: 408 and a closed connection; an idle new connection just closes."""
+        """The head or body is late: 408 and a closed connection; an idle new connection just closes.
+
+        Reads are timed only while no answer is owed: a pipelined request behind a long answer is timed
+        from that answer's end."""
         self._read_timer = None
         if self.transport.is_closing():
             return
@@ -141,10 +161,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._time_read()
             return
         if self._begun:
-            phase = "head" if self._in_head else "body"
-            if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
+            # A 408 only where no other answer is under way: never inside one, nor after an early one.
+            if self._in_head and not self._owed() or \
+                    not self._in_head and self.cycle is not None and not self.cycle.response_started:
                 self.transport.write(_TIMED_OUT)
-            self._log_refused(f"{phase}_timeout", timeout_s=READ_TIMEOUT_S)
+            self._log_refused(f"{'head' if self._in_head else 'body'}_timeout", timeout_s=READ_TIMEOUT_S)
         self.transport.close()
 
     def send_400_response(self, msg: str) -> None:

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid as uuidlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
+from aiohttp import web
 
 from avr_llm_proxy import http_protocol
 from avr_llm_proxy.simulate import http_request, read_reply
 
-from ..conftest import make_settings, running_proxy
+from ..conftest import make_settings, running_api, running_proxy
 
 READ_TIMEOUT_S = 0.5
 
@@ -152,3 +156,30 @@ async def test_connections_past_the_limit_are_answered_503(
             while not statuses or statuses[-1] != 200:
                 statuses.append((await http_request(f"{proxy.url}/healthz", b"", method="GET")).status)
     assert busy.status == 503 and statuses[-1] == 200
+
+
+async def slow_answer(_: web.Request, __: dict[str, Any]) -> web.StreamResponse:
+    await asyncio.sleep(READ_TIMEOUT_S * 3)
+    return web.json_response({"message": "Hola, ya le atiendo."})
+
+
+@pytest.mark.parametrize("behind", [b"GET /healthz HTTP/1.1\r\nHo", b"POST /call HTTP/1.1\r\nHost: x\r\n"
+                                    b"Content-Type: application/json\r\nContent-Length: 50\r\n\r\n{\"u"],
+                         ids=["half_head", "half_body"])
+async def test_a_late_pipelined_request_is_timed_after_the_answer_before_it(tmp_path: Path, behind: bytes) -> None:
+    """A turn whose answer takes longer than the read deadline, with half a request pipelined behind it:
+    the turn is answered whole, and only then is the late request answered 408 and the connection closed."""
+    body = orjson.dumps({"uuid": str(uuidlib.uuid4()), "message": "hola", "messages": [
+        {"role": "user", "content": "hola"}]})
+    async with running_api() as api:
+        api.custom = slow_answer
+        async with running_proxy(make_settings(tmp_path, api_url=api.url, caller_wait_ms=0)) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port_of(proxy.url))
+            writer.write(b"POST /prompt-stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s%s" % (len(body), body, behind))
+            await writer.drain()
+            answer = await read_all(reader)
+            writer.close()
+    first, _, rest = answer.partition(b"\r\n0\r\n\r\n")  # the end of the turn's chunked answer
+    assert first.startswith(b"HTTP/1.1 200 ") and b"ya le atiendo" in first
+    assert rest.startswith(b"HTTP/1.1 408 ") and b"HTTP/1.1 408" not in first
