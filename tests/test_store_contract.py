@@ -161,7 +161,8 @@ class TestStoreContract:
 
     async def test_note_call_counts_each_call_once(self, store: Store) -> None:
         """Each call of a number is counted once however often it is noted, and is told what came before
-        it; numbers are apart; an erasure or the expiry starts the number again."""
+        it; numbers are apart, a call noted for another number (a recapture) is counted there; an
+        erasure or the expiry starts the number again."""
         now = time.time()
         keep, seen = now + 60, now + 60
         assert await store.note_call("t", "c1", 100.0, keep, seen) == (0, None, None, None)
@@ -170,9 +171,13 @@ class TestStoreContract:
         assert await store.note_call("t", "c3", 300.0, keep, seen) == (2, 100.0, 200.0, "c2")
         assert await store.note_call("t", "c2", 200.0, keep, seen) == (1, 100.0, 100.0, "c1")
         assert await store.note_call("u", "c4", 400.0, keep, seen) == (0, None, None, None)
+        assert await store.note_call("u", "c3", 300.0, keep, seen) == (1, 400.0, 400.0, "c4")
         await store.delete_tagged("t")
-        assert await store.note_call("t", "c5", 500.0, keep, seen) == (0, None, None, None)
-        assert await store.note_call("u", "c6", 600.0, time.time() + 0.05, seen) == (1, 400.0, 400.0, "c4")
+        assert await store.note_call("t", "c3", 300.0, keep, seen) is None  # began before the erasure
+        later = time.time() + 1
+        assert await store.note_call("t", "c5", later, keep, seen) == (0, None, None, None)
+        assert await store.note_call("t", "c2", later, keep, seen) == (1, later, later, "c5")  # its note went too
+        assert await store.note_call("u", "c6", 600.0, time.time() + 0.05, seen) == (2, 400.0, 300.0, "c3")
         await asyncio.sleep(0.1)
         assert await store.note_call("u", "c7", 700.0, keep, seen) == (0, None, None, None)
 

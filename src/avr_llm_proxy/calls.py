@@ -454,8 +454,10 @@ class CallRegistry:
         if tag is None or record.history is not None:
             return record
         now = time.time()
-        history = CallerHistory.from_row(
-            await self.store.note_call(tag, record.uuid, record.captured_at, now + keep_s, now + self.ttl_seconds))
+        row = await self.store.note_call(tag, record.uuid, record.captured_at, now + keep_s, now + self.ttl_seconds)
+        if row is None:  # the number was erased during the call: it leaves no history
+            return record
+        history = CallerHistory.from_row(row)
 
         def noted(current: CallRecord) -> CallRecord | None:
             same = current.history is None and current.caller.e164 == record.caller.e164

@@ -60,7 +60,6 @@ EVENTS = Counter("avr_llm_proxy_call_events", "avr-core webhook events received,
 ACTIVE_TURNS = Gauge("avr_llm_proxy_active_turns", "Turns in progress", multiprocess_mode="livesum")
 
 
-
 class LogThrottle:
     """At most one line per interval for an event any peer can repeat at will (a refused connection):
     `allow()` is None while quiet, else the fields to add to the line (how many were skipped)."""

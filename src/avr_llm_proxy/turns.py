@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -114,7 +115,9 @@ class Turns:
         self._fallback = [frame(sentence) for sentence in sentences(policy.fallback_message)]
         self._filler = [frame(sentence) for sentence in sentences(policy.filler_message)]
         self._flights: dict[str, _Flight] = {}
-        self._counting: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()  # counts and history notes, off the turns' path
+        if policy.history_s:
+            registry.on_capture.append(self._note_history)
 
     async def handle(self, body: bytes | None, header_uuid: str | None, speak: Speak) -> None:
         """Answer one request body (None: refused as too large) through `speak`.
@@ -190,10 +193,7 @@ class Turns:
         """What the business knows of a captured caller: the earlier calls, noted by the call's first turn,
         and the CRM lookup's answer, waited for within its deadline (later turns find both in the record)."""
         if self.policy.history_s and record.history is None:
-            try:
-                record = await self.registry.with_history(record, self.policy.history_s)
-            except StoreError as exc:
-                log.warning("history_unavailable", uuid=record.uuid, reason=str(exc))
+            record = await self._with_history(record)
         if self.lookup is not None:
             try:
                 record = await self.lookup.contact(record)
@@ -321,14 +321,29 @@ class Turns:
             except StoreError as exc:
                 log.info("turn_count_not_stored", uuid=uuid, reason=str(exc))
 
-        task = asyncio.create_task(update())
-        self._counting.add(task)
-        task.add_done_callback(self._counting.discard)
+        self._later(update())
+
+    def _note_history(self, record: CallRecord) -> None:
+        """A capture: note the call in its caller's history now, so its first turn finds it in the record."""
+        if record.history is None:
+            self._later(self._with_history(record))
+
+    async def _with_history(self, record: CallRecord) -> CallRecord:
+        try:
+            return await self.registry.with_history(record, self.policy.history_s)
+        except StoreError as exc:
+            log.warning("history_unavailable", uuid=record.uuid, reason=str(exc))
+            return record
+
+    def _later(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
-        """Let the turn counts still being written finish (the store closes after this)."""
-        if self._counting:
-            await asyncio.wait(set(self._counting), timeout=5.0)
+        """Let the turn counts and history notes still being written finish (the store closes after this)."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=5.0)
 
     async def _failed(self, request: UpstreamRequest, outcome: _Outcome, error: UpstreamError, upstream_ms: float,
                       unfinished: Sequence[str] | None = None) -> None:

@@ -75,12 +75,14 @@ class Store(Protocol):
         """
         ...
 
-    async def note_call(self, tag: str, key: str, at: float, keep_until: float, seen_until: float) -> HistoryRow:
+    async def note_call(self, tag: str, key: str, at: float, keep_until: float,
+                        seen_until: float) -> HistoryRow | None:
         """Count call `key`, started at `at`, among the calls of the number with `tag`, once however often
-        and wherever it is noted, and return what was known before it (the same answer every time).
+        and wherever it is noted, and return what was known before it (the same answer every time);
+        None when the number was erased since `at` (nothing is noted).
 
         The number's entry lives until `keep_until` (renewed by each call); the note that `key` was
-        counted until `seen_until`. `delete_tagged(tag)` erases the entry.
+        counted for that number until `seen_until`. `delete_tagged(tag)` erases both.
         """
         ...
 

@@ -18,7 +18,7 @@ class MemoryStore:
         self._erased: dict[str, float] = {}  # tag: when
         self._counts: dict[str, int] = {}
         self._history: dict[str, tuple[HistoryRow, float]] = {}  # tag: (calls so far, until when)
-        self._seen: dict[str, tuple[str, HistoryRow, float]] = {}  # call: (tag, what was known before it, until)
+        self._seen: dict[tuple[str, str], tuple[HistoryRow, float]] = {}  # (tag, call): (known before it, until)
         self._max_entries = max_entries
 
     async def put(self, key: str, value: bytes, expires_at: float, tag: str | None = None, replace: bool = True,
@@ -67,15 +67,23 @@ class MemoryStore:
         counted = self._counts[key] = self._counts.get(key, 0) + by
         return counted
 
-    async def note_call(self, tag: str, key: str, at: float, keep_until: float, seen_until: float) -> HistoryRow:
+    async def note_call(self, tag: str, key: str, at: float, keep_until: float,
+                        seen_until: float) -> HistoryRow | None:
         now = time.time()
-        seen = self._seen.get(key)
-        if seen is not None and seen[2] > now:
-            return seen[1]
+        if self._erased.get(tag, float("-inf")) >= at:
+            return None
+        seen = self._seen.get((tag, key))
+        if seen is not None and seen[1] > now:
+            return seen[0]
         entry = self._history.get(tag)
         before = entry[0] if entry is not None and entry[1] > now else NO_HISTORY
+        # Bounded like the values: the oldest goes first.
+        if len(self._history) >= self._max_entries:
+            del self._history[next(iter(self._history))]
+        if len(self._seen) >= self._max_entries:
+            del self._seen[next(iter(self._seen))]
         self._history[tag] = ((before[0] + 1, before[1] or at, at, key), keep_until)
-        self._seen[key] = (tag, before, seen_until)
+        self._seen[(tag, key)] = (before, seen_until)
         return before
 
     async def delete(self, key: str) -> bool:
@@ -85,8 +93,8 @@ class MemoryStore:
     async def delete_tagged(self, tag: str) -> int:
         self._erased[tag] = time.time()
         self._history.pop(tag, None)
-        for call in [call for call, seen in self._seen.items() if seen[0] == tag]:
-            del self._seen[call]
+        for noted in [noted for noted in self._seen if noted[0] == tag]:
+            del self._seen[noted]
         keys = [key for key, entry in self._data.items() if entry[2] == tag]
         for key in keys:
             del self._data[key]
@@ -105,8 +113,8 @@ class MemoryStore:
             del self._erased[tag]
         for tag in [tag for tag, entry in self._history.items() if entry[1] <= now]:
             del self._history[tag]
-        for call in [call for call, seen in self._seen.items() if seen[2] <= now]:
-            del self._seen[call]
+        for noted in [noted for noted, seen in self._seen.items() if seen[1] <= now]:
+            del self._seen[noted]
         expired = [key for key, entry in self._data.items() if entry[0] <= now]
         for key in expired:
             del self._data[key]

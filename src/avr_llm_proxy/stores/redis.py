@@ -2,7 +2,7 @@
 
 Keys (prefix `avrlp:`), every one with an expiry: `call:<uuid>` holds the sealed record with a TTL;
 `count:<uuid>` its counter (the turns), expiring with it; `history:<hash>` a number's earlier calls
-(`HISTORY_DAYS`) and `seen:<uuid>` what a call was told of them; `tag:<hash>` is the set of
+(`HISTORY_DAYS`) and `seen:<hash>` what each of its live calls was told of them; `tag:<hash>` is the set of
 calls of one number (for erasure), expiring with its newest call; `erased:<hash>` the time that
 number was erased (kept 7 days); `recent` is a sorted set of call ids trimmed to the last 1,000
 (for `avr-llm-proxy calls`), living as long as its newest call. A capture is published on `captured`, so
@@ -63,6 +63,7 @@ if ARGV[9] ~= '' then
   local erased = redis.call('GET', KEYS[4])
   if erased and tonumber(erased) >= tonumber(ARGV[9]) then return 0 end
 end
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('DEL', KEYS[5]) end  -- a new value counts from 0
 local written
 if ARGV[3] == '1' then
   written = redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX')
@@ -76,11 +77,12 @@ return 1
 # Erasure by number in one step (no capture of that number lands between the look-up and the
 # deletion, unindexed): the mark of when (so no copy captured before it is written back), every call
 # of the tag with its index entries, the news for replicas (each call, then the tag: they drop the
-# copies they hold). KEYS: the tag's set, its erasure mark, the recent calls, its history; ARGV: when, how long
+# copies they hold). KEYS: the tag's set, its erasure mark, the recent calls, its history and notes;
+# ARGV: when, how long
 # the mark is kept (ms), the calls' key prefix, the channel, the tag's message, the counters' prefix.
 _ERASE = """
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-redis.call('DEL', KEYS[4])
+redis.call('DEL', KEYS[4], KEYS[5])
 local deleted = 0
 for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   deleted = deleted + redis.call('DEL', ARGV[3] .. member)
@@ -121,19 +123,29 @@ redis.call('PEXPIRE', KEYS[2], ttl)
 return counted
 """
 # One call counted once among its number's calls; the answer (what was known before it) is kept for
-# the call's later notes. KEYS: the number's history, the call's note; ARGV: the call, its start, the
-# history's and the note's expiry (Unix ms). Answers "calls|first|last|key", empty for none.
+# the call's later notes, in the number's hash of notes, each "<until ms>|<answer>", the expired ones
+# dropped as a note is added. KEYS: the number's history, its notes, its erasure mark; ARGV: the call,
+# its start, the history's and the note's expiry (Unix ms), now (Unix ms). Answers
+# "calls|first|last|key" (empty for none), or nothing when the number was erased since the start.
 _NOTE_CALL = """
 redis.replicate_commands()
-local seen = redis.call('GET', KEYS[2])
-if seen then return seen end
+local erased = redis.call('GET', KEYS[3])
+if erased and tonumber(erased) >= tonumber(ARGV[2]) then return false end
+local now = tonumber(ARGV[5])
+local function note_until(note) return tonumber(string.sub(note, 1, string.find(note, '|', 1, true) - 1)) end
+local seen = redis.call('HGET', KEYS[2], ARGV[1])
+if seen and note_until(seen) > now then return string.sub(seen, string.find(seen, '|', 1, true) + 1) end
 local h = redis.call('HMGET', KEYS[1], 'calls', 'first', 'last', 'key')
 local before = (h[1] or '0') .. '|' .. (h[2] or '') .. '|' .. (h[3] or '') .. '|' .. (h[4] or '')
 redis.call('HSET', KEYS[1], 'calls', tonumber(h[1] or '0') + 1, 'first', h[2] or ARGV[2], 'last', ARGV[2],
            'key', ARGV[1])
 redis.call('PEXPIREAT', KEYS[1], ARGV[3])
-redis.call('SET', KEYS[2], before)
-redis.call('PEXPIREAT', KEYS[2], ARGV[4])
+local notes = redis.call('HGETALL', KEYS[2])
+for i = 1, #notes, 2 do
+  if note_until(notes[i + 1]) <= now then redis.call('HDEL', KEYS[2], notes[i]) end
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4] .. '|' .. before)
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[4]) - now then redis.call('PEXPIREAT', KEYS[2], ARGV[4]) end
 return before
 """
 
@@ -229,14 +241,16 @@ class RedisStore:
 
     async def delete(self, key: str) -> bool:
         async with self._answered("delete"):
-            deleted = bool(await self._client.delete(PREFIX + "call:" + key))
-            await self._client.delete(COUNT + key)
+            async with self._client.pipeline(transaction=True) as both:  # the value and its counter, at once
+                both.delete(PREFIX + "call:" + key)
+                both.delete(COUNT + key)
+                deleted, _ = await both.execute()
             await self._client.publish(CHANNEL, "-" + key)
-        return deleted
+        return bool(deleted)
 
     async def delete_tagged(self, tag: str) -> int:
         async with self._answered("erase"):
-            keys = [PREFIX + "tag:" + tag, PREFIX + "erased:" + tag, RECENT, HISTORY + tag]
+            keys = [PREFIX + "tag:" + tag, PREFIX + "erased:" + tag, RECENT, HISTORY + tag, SEEN + tag]
             deleted = await self._erase(keys=keys, args=[
                 time.time(), ERASURE_KEPT_S * 1000, PREFIX + "call:", CHANNEL, TAG_ERASED + tag, COUNT])
         return int(deleted)
@@ -246,11 +260,12 @@ class RedisStore:
             counted = await self._count(keys=[PREFIX + "call:" + key, COUNT + key], args=[by])
         return None if counted is None else int(counted)
 
-    async def note_call(self, tag: str, key: str, at: float, keep_until: float, seen_until: float) -> HistoryRow:
+    async def note_call(self, tag: str, key: str, at: float, keep_until: float,
+                        seen_until: float) -> HistoryRow | None:
         async with self._answered("history"):
-            answer = await self._note_call(keys=[HISTORY + tag, SEEN + key], args=[
-                key, repr(at), int(keep_until * 1000), int(seen_until * 1000)])
-        return _history_row(_text(answer))
+            answer = await self._note_call(keys=[HISTORY + tag, SEEN + tag, PREFIX + "erased:" + tag], args=[
+                key, repr(at), int(keep_until * 1000), int(seen_until * 1000), int(time.time() * 1000)])
+        return None if answer is None else _history_row(_text(answer))
 
     async def recent(self, limit: int) -> list[tuple[bytes, int]]:
         async with self._answered("read"):

@@ -53,15 +53,15 @@ CREATE TABLE IF NOT EXISTS history (
     expires_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS history_seen (
-    key TEXT PRIMARY KEY,
     tag TEXT NOT NULL,
+    key TEXT NOT NULL,
     calls INTEGER NOT NULL,
     first_at REAL,
     last_at REAL,
     last_key TEXT,
-    expires_at REAL NOT NULL
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (tag, key)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS history_seen_tag ON history_seen (tag);
 """
 
 
@@ -272,23 +272,26 @@ class SqliteStore:
     def stamp(self, key: str) -> bytes | None:
         return self._stamps.read(key)
 
-    async def note_call(self, tag: str, key: str, at: float, keep_until: float, seen_until: float) -> HistoryRow:
-        def noted(conn: sqlite3.Connection) -> HistoryRow:
+    async def note_call(self, tag: str, key: str, at: float, keep_until: float,
+                        seen_until: float) -> HistoryRow | None:
+        def noted(conn: sqlite3.Connection) -> HistoryRow | None:
             now = time.time()
+            if conn.execute("SELECT 1 FROM erased WHERE tag = ? AND at >= ?", (tag, at)).fetchone():
+                return None
             columns = "calls, first_at, last_at, last_key"
-            seen = conn.execute(f"SELECT {columns} FROM history_seen WHERE key = ? AND expires_at > ?",
-                                (key, now)).fetchone()
+            seen = conn.execute(f"SELECT {columns} FROM history_seen WHERE tag = ? AND key = ? AND expires_at > ?",
+                                (tag, key, now)).fetchone()
             if seen is not None:
                 return (int(seen[0]), seen[1], seen[2], seen[3])
             row = conn.execute(f"SELECT {columns} FROM history WHERE tag = ? AND expires_at > ?", (tag, now)).fetchone()
             before: HistoryRow = (int(row[0]), row[1], row[2], row[3]) if row is not None else NO_HISTORY
             conn.execute(f"INSERT OR REPLACE INTO history (tag, {columns}, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
                          (tag, before[0] + 1, before[1] or at, at, key, keep_until))
-            conn.execute(f"INSERT OR REPLACE INTO history_seen (key, tag, {columns}, expires_at) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?)", (key, tag, *before, seen_until))
+            conn.execute(f"INSERT OR REPLACE INTO history_seen (tag, key, {columns}, expires_at) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)", (tag, key, *before, seen_until))
             return before
 
-        result: HistoryRow = await self._steps(noted)
+        result: HistoryRow | None = await self._steps(noted)
         return result
 
     async def delete_tagged(self, tag: str) -> int:
@@ -309,16 +312,22 @@ class SqliteStore:
         return None if row is None else bytes(row[0])
 
     async def count(self, key: str, by: int = 1) -> int | None:
+        if not by:
+            try:
+                row = self._reader.execute(
+                    "SELECT counter FROM calls WHERE key = ? AND expires_at > ?", (key, time.time())).fetchone()
+            except sqlite3.Error as exc:
+                raise StoreError(f"SQLite read failed: {exc}") from exc
+            return None if row is None else int(row[0])
+
+        def counted(conn: sqlite3.Connection) -> int | None:
+            rows = conn.execute("UPDATE calls SET counter = counter + ? WHERE key = ? AND expires_at > ? "
+                                "RETURNING counter", (by, key, time.time())).fetchall()  # all: the statement ends
+            return int(rows[0][0]) if rows else None
+
         # Quiet: the value is unchanged, so the records other processes hold stay good.
-        if by and not await self._write("UPDATE calls SET counter = counter + ? WHERE key = ? AND expires_at > ?",
-                                        (by, key, time.time()), key, notify=False):
-            return None
-        try:
-            row = self._reader.execute(
-                "SELECT counter FROM calls WHERE key = ? AND expires_at > ?", (key, time.time())).fetchone()
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite read failed: {exc}") from exc
-        return None if row is None else int(row[0])
+        result: int | None = await self._steps(counted)
+        return result
 
     async def delete(self, key: str) -> bool:
         return await self._write("DELETE FROM calls WHERE key = ?", (key,), key) > 0
