@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from avr_llm_proxy.identity import clean_name, dialled_number, parse_caller, parse_presentation
+from avr_llm_proxy.identity import clean_name, dialled_number, parse_caller, parse_presentation, parse_trust
 
 from .conftest import FIXTURES
 
@@ -183,3 +183,27 @@ def test_caller_number_is_always_one_of_the_documented_values(text: str, fmt: st
 def test_dialled_number(candidates: tuple[object, ...], expected: str | None) -> None:
     """The first candidate made of digits (with `+`, `*`, `#`), sanitised; words Asterisk puts there are skipped."""
     assert dialled_number(*candidates) == expected
+
+
+@pytest.mark.parametrize(("verstat", "attestation", "result", "expected"), [
+    ("TN-Validation-Passed", None, None, ("TN-Validation-Passed", None, True)),
+    ('"Juan" <sip:+15551234567;verstat=TN-Validation-Passed@carrier.example;user=phone>', None, None,
+     ("TN-Validation-Passed", None, True)),
+    ("<sip:+15551234567@carrier.example;user=phone;verstat=TN-Validation-Failed>", None, None,
+     ("TN-Validation-Failed", None, False)),
+    ("<tel:+15551234567;verstat=No-TN-Validation>", None, None, ("No-TN-Validation", None, None)),
+    ("TN-Validation-Passed-B", None, None, ("TN-Validation-Passed-B", None, None)),
+    (None, "A", "success", (None, "A", True)),
+    (None, "b", "success", (None, "B", None)),
+    (None, "A", "signature_validation", (None, "A", False)),
+    ("TN-Validation-Passed", "A", "signature_validation", ("TN-Validation-Passed", "A", False)),
+    ("<sip:+1555@x>", "Z", None, (None, None, None)),
+    ("verstat=$(reboot)", "A; rm -rf /", "success\r\nX: y", (None, None, None)),
+    (None, None, None, (None, None, None)),
+])
+def test_trust_from_what_the_network_asserted(verstat: str | None, attestation: str | None, result: str | None,
+                                              expected: tuple[str | None, str | None, bool | None]) -> None:
+    """verstat from a bare value or a header; verified only for TN-Validation-Passed or a passed
+    verification at attestation A, false for any failure, null otherwise; junk is dropped."""
+    trust = parse_trust(verstat, attestation, result)
+    assert (trust.verstat, trust.attestation, trust.verified) == expected

@@ -19,7 +19,7 @@ import orjson
 import structlog
 
 from .history import CallerHistory, kept_for
-from .identity import UNKNOWN_CALLER, CallerId
+from .identity import NO_TRUST, UNKNOWN_CALLER, CallerId, CallerTrust
 from .observability import CAPTURES
 from .privacy import Sealer, SealError, hash_number
 from .stores import TAG_ERASED, Store, StoreError
@@ -53,6 +53,8 @@ class CallRecord:
     # The call's lifecycle, from avr-core's webhooks (POST /events); its turns are counted by the store.
     started_at: float | None = None
     ended_at: float | None = None
+    # What the network asserted about the number (verstat, STIR/SHAKEN), from the capture.
+    trust: CallerTrust = NO_TRUST
     # The caller's calls before this one (HISTORY_DAYS), noted by the call's first turn.
     history: CallerHistory | None = None
     # The CRM lookup (LOOKUP_URL): "pending:<process>" while one process asks, then "done" with the
@@ -65,6 +67,7 @@ class CallRecord:
         fields = {name: getattr(self, name) for name in self.__slots__}
         fields["caller"] = {key: value for key, value in self.caller.as_dict().items() if value is not None}
         fields["history"] = self.history.as_list() if self.history else None
+        fields["trust"] = self.trust.as_list() if self.trust != NO_TRUST else None
         return bytes(memoryview(orjson.dumps({key: value for key, value in fields.items() if value not in (None, 0)})))
 
     @classmethod
@@ -74,6 +77,8 @@ class CallRecord:
         known["caller"] = CallerId.from_dict(raw["caller"])
         if "history" in known:
             known["history"] = CallerHistory(*known["history"])
+        if "trust" in known:
+            known["trust"] = CallerTrust(*known["trust"])
         return cls(**known)
 
 
@@ -89,6 +94,7 @@ def recaptured(current: CallRecord, capture: CallRecord) -> CallRecord:
         uniqueid=capture.uniqueid or current.uniqueid,
         started_at=current.started_at,
         ended_at=current.ended_at,
+        trust=capture.trust if capture.trust != NO_TRUST else current.trust,
         history=current.history if caller.e164 == current.caller.e164 else None,
         lookup=current.lookup if caller.e164 == current.caller.e164 else None,
         contact=current.contact if caller.e164 == current.caller.e164 else None,

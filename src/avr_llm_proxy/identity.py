@@ -82,6 +82,56 @@ class CallerId:
 
 UNKNOWN_CALLER = CallerId(presentation="unavailable", source="none")
 
+_VERSTAT = re.compile(r"(?:^|[;?&\s])verstat=([A-Za-z0-9-]{1,40})", re.IGNORECASE)
+_VERSTAT_VALUE = re.compile(r"^[A-Za-z0-9-]{1,40}$")
+# res_stir_shaken's verify_result for a verified identity: `success` (Asterisk 20.7+), older wordings.
+_VERIFY_PASSED = frozenset({"success", "verification successful", "verification passed", "passed"})
+
+
+@dataclass(frozen=True, slots=True)
+class CallerTrust:
+    """What the network asserted about the number: the carrier's `verstat` (P-Asserted-Identity or
+    From) and Asterisk's own STIR/SHAKEN verification (attestation level and result)."""
+
+    verstat: str | None = None
+    attestation: str | None = None
+    verify_result: str | None = None
+
+    @property
+    def verified(self) -> bool | None:
+        """True only for `TN-Validation-Passed` or a passed verification at attestation A; False for a
+        failed one (either); None when nothing was asserted, or only a partial attestation."""
+        carrier = (self.verstat or "").lower()
+        result = (self.verify_result or "").strip().lower()
+        if carrier.startswith("tn-validation-failed") or (result and result not in _VERIFY_PASSED):
+            return False
+        if carrier == "tn-validation-passed" or (result in _VERIFY_PASSED and self.attestation == "A"):
+            return True
+        return None
+
+    def as_list(self) -> list[str | None]:
+        return [self.verstat, self.attestation, self.verify_result]
+
+
+NO_TRUST = CallerTrust()
+
+
+def parse_trust(verstat: object = None, attestation: object = None, verify_result: object = None) -> CallerTrust:
+    """The assertion from capture values: `verstat` as a bare value or inside a header (`<sip:+1…;
+    verstat=TN-Validation-Passed@…>`, the first found of several), the attestation A, B or C, and the
+    verification result as res_stir_shaken words it. Anything else is dropped; never raises."""
+    found = None
+    for text in (verstat if isinstance(verstat, (list, tuple)) else [verstat]):
+        value = _clean(text, 2048)
+        match = _VERSTAT.search(value) if "=" in value else _VERSTAT_VALUE.match(value)
+        if match:
+            found = match.group(match.lastindex or 0)
+            break
+    level = _clean(attestation, 8).upper()
+    result = _clean(verify_result, 64)
+    return CallerTrust(found, level if level in ("A", "B", "C") else None,
+                       result if result and all(ch.isalnum() or ch in " _-." for ch in result) else None)
+
 
 def parse_presentation(value: object) -> Presentation | None:
     """Read `agi_callingpres` codes, `CALLERID(num-pres)` names and AMI `CID-CallingPres`."""

@@ -94,6 +94,9 @@ def build_payload(request: UpstreamRequest) -> dict[str, Any]:
         "type": caller.number_type,
         "region": caller.region,
         "source": caller.source,
+        "verstat": record.trust.verstat if record else None,
+        "attestation": record.trust.attestation if record else None,
+        "verified": record.trust.verified if record else None,
     }
     if request.with_history:
         fields["history"] = record.history.payload() if record and record.history else None

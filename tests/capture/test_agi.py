@@ -131,10 +131,16 @@ def test_called_number_from_dnid_else_argument_else_extension(fixture: str, valu
     assert record.caller.e164 == "+593987654321" and record.uuid == FIXTURE_UUID
 
 
+HEADERS = "${PJSIP_HEADER(read,P-Asserted-Identity)} ${PJSIP_HEADER(read,From)}"
+STIR_COUNT = "${STIR_SHAKEN(count)}"
+STIR_RESULT = "${STIR_SHAKEN(0,attestation)}|${STIR_SHAKEN(0,verify_result)}"
+
+
 async def agi_session(port: int, env: bytes, num_pres: str = "allowed_not_screened",
-                      getvar_reply: str | None = None) -> list[str]:
-    """A fake Asterisk: send the environment, answer each command the way Asterisk 22 does
-    (`getvar_reply`: the whole answer to GET FULL VARIABLE instead)."""
+                      getvar_reply: str | None = None, variables: dict[str, str] | None = None) -> list[str]:
+    """A fake Asterisk: send the environment, answer each command the way Asterisk 22 does: the
+    presentation is `num_pres`, `variables` the values of other expressions, anything else empty
+    (`getvar_reply`: the whole answer to every GET FULL VARIABLE instead)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(env)
     commands = []
@@ -143,7 +149,9 @@ async def agi_session(port: int, env: bytes, num_pres: str = "allowed_not_screen
             command = line.decode().rstrip("\n")
             commands.append(command)
             if command.startswith("GET FULL VARIABLE"):
-                writer.write(f"{getvar_reply or f'200 result=1 ({num_pres})'}\n".encode())
+                expression = command.removeprefix("GET FULL VARIABLE ")
+                value = num_pres if "num-pres" in expression else (variables or {}).get(expression, "")
+                writer.write(f"{getvar_reply or f'200 result=1 ({value})'}\n".encode())
             else:
                 writer.write(b"200 result=1\n")
     finally:
@@ -168,8 +176,11 @@ async def test_session_records_caller_and_sets_uuid(tmp_path: Path, fixture: str
             env = with_script(LOCAL if fixture == "local" else PJSIP)
             commands = await agi_session(port, env)
             assert commands[0] == "GET FULL VARIABLE ${CALLERID(num-pres)}"
-            match = re.fullmatch(r'SET VARIABLE UUID "(.+)"', commands[1])
-            assert match and UUID4.match(match.group(1)) and len(commands) == 2
+            # The assertion about the number: PJSIP headers on a PJSIP channel, STIR/SHAKEN on any.
+            asked = [HEADERS, STIR_COUNT] if fixture == "pjsip" else [STIR_COUNT]
+            assert commands[1:-1] == [f"GET FULL VARIABLE {expression}" for expression in asked]
+            match = re.fullmatch(r'SET VARIABLE UUID "(.+)"', commands[-1])
+            assert match and UUID4.match(match.group(1))
             call = match.group(1)
             turns = await play_call(proxy.url, call, ["hola", "mi pedido"])
     assert all(turn.problems == [] for turn in turns)
@@ -271,7 +282,8 @@ async def test_presentation_not_answered_is_withheld(tmp_path: Path, logs, reply
         settings = make_settings(tmp_path, api_url=api.url, agi_listen=f"127.0.0.1:{port}")
         async with running_proxy(settings) as proxy:
             commands = await agi_session(port, with_script(PJSIP, arg=call), getvar_reply=reply)
-            assert commands == ["GET FULL VARIABLE ${CALLERID(num-pres)}", f'SET VARIABLE UUID "{call}"']
+            assert commands[0] == "GET FULL VARIABLE ${CALLERID(num-pres)}"
+            assert commands[-1] == f'SET VARIABLE UUID "{call}"'
             await play_call(proxy.url, call, ["hola"])
     payload = api.received[0]
     assert payload["caller_number"] == "anonymous" and payload["caller"]["presentation"] == "withheld"

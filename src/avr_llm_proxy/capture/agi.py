@@ -8,6 +8,7 @@ thin asyncio adapter that reads, feeds, acts and writes (WIRE.md section 3).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 import uuid as uuidlib
@@ -17,7 +18,7 @@ import structlog
 
 from ..avr import canonical_uuid
 from ..calls import CallRecord, CallRegistry
-from ..identity import dialled_number, parse_caller, parse_presentation, strictest
+from ..identity import CallerTrust, dialled_number, parse_caller, parse_presentation, parse_trust, strictest
 from ..observability import AGI_SESSIONS, LogThrottle
 from ..stores import StoreError
 
@@ -183,6 +184,30 @@ class _Session:
             if isinstance(event, AgiReply):
                 return event
 
+    async def value(self, expression: str) -> str | None:
+        """`GET FULL VARIABLE` of an expression: its value ("" when unset or refused), None on hang-up."""
+        reply = await self.command(f"GET FULL VARIABLE {expression}")
+        if reply is None:
+            return None
+        return (reply.value or "") if reply.code == 200 and reply.result == 1 else ""
+
+    async def trust(self, env: AgiEnvironment) -> CallerTrust | None:
+        """What the network asserted about the number: the carrier's verstat in P-Asserted-Identity or
+        From (PJSIP channels only), Asterisk's STIR/SHAKEN verification; None on hang-up."""
+        headers: str | None = ""
+        if env.get("agi_channel").startswith("PJSIP/"):
+            headers = await self.value("${PJSIP_HEADER(read,P-Asserted-Identity)} ${PJSIP_HEADER(read,From)}")
+        count = await self.value("${STIR_SHAKEN(count)}") if headers is not None else None
+        if headers is None or count is None:
+            return None
+        verification: str | None = ""
+        if count.strip().isdigit() and int(count) > 0:
+            verification = await self.value("${STIR_SHAKEN(0,attestation)}|${STIR_SHAKEN(0,verify_result)}")
+        if verification is None:
+            return None
+        attestation, _, result = verification.partition("|")
+        return parse_trust(headers, attestation, result)
+
     async def run(self) -> str:
         event = await self.next_event()
         if not isinstance(event, AgiEnvironment):
@@ -202,7 +227,10 @@ class _Session:
             if num_pres is None:  # unknown presentation: withheld, as AMI takes it (fail closed)
                 log.warning("agi_presentation_unknown", uuid=uuid, reply=reply.line[:80], treated_as="withheld")
                 num_pres = "prohib"
-        record = record_from_environment(env, uuid, num_pres, self.server.region)
+        trust = await self.trust(env)
+        if trust is None:
+            return "hangup"
+        record = dataclasses.replace(record_from_environment(env, uuid, num_pres, self.server.region), trust=trust)
         try:
             # Anyone who reaches the port may open a session: a live caller is replaced only as /call
             # without CAPTURE_TOKEN would replace it (SECURITY.md).

@@ -10,7 +10,7 @@ from urllib.parse import unquote, unquote_plus
 
 from ..avr import canonical_uuid, json_object
 from ..calls import CallRecord
-from ..identity import dialled_number, parse_caller
+from ..identity import dialled_number, parse_caller, parse_trust
 
 MAX_FORM_FIELDS = 32
 MAX_FIELD_CHARS = 4096
@@ -20,6 +20,11 @@ _JSON_FIELDS = {
     "name": ("caller_name", "name"),
     "presentation": ("presentation", "pres"),
     "called": ("called_number", "dnid", "to", "exten"),
+    # What the network asserted: JSON `verstat`, `attestation`, `verify_result`; the form `verstat`,
+    # `attest`, `verify` (or a whole P-Asserted-Identity or From header holding `verstat=`).
+    "verstat": ("verstat",),
+    "attestation": ("attestation", "attest"),
+    "verify_result": ("verify_result", "verify"),
 }
 
 
@@ -89,9 +94,12 @@ def parse_call(content_type: str, body: bytes, region: str) -> CallRecord:
         region=region,
     )
     called = _first(data, _JSON_FIELDS["called"])
+    trust = parse_trust(_first(data, _JSON_FIELDS["verstat"]), _first(data, _JSON_FIELDS["attestation"]),
+                        _first(data, _JSON_FIELDS["verify_result"]))
     return CallRecord(
         uuid=uuid,
         caller=caller,
+        trust=trust,
         called_number=dialled_number(called),
         channel=_text(data.get("channel")),
         uniqueid=_text(data.get("uniqueid"), 64),
