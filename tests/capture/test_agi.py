@@ -131,7 +131,7 @@ def test_called_number_from_dnid_else_argument_else_extension(fixture: str, valu
     assert record.caller.e164 == "+593987654321" and record.uuid == FIXTURE_UUID
 
 
-HEADERS = "${PJSIP_HEADER(read,P-Asserted-Identity)} ${PJSIP_HEADER(read,From)}"
+HEADERS = "${PJSIP_HEADER(read,P-Asserted-Identity)}|${PJSIP_HEADER(read,From)}"
 STIR_COUNT = "${STIR_SHAKEN(count)}"
 STIR_RESULT = "${STIR_SHAKEN(0,attestation)}|${STIR_SHAKEN(0,verify_result)}"
 
@@ -139,8 +139,9 @@ STIR_RESULT = "${STIR_SHAKEN(0,attestation)}|${STIR_SHAKEN(0,verify_result)}"
 async def agi_session(port: int, env: bytes, num_pres: str = "allowed_not_screened",
                       getvar_reply: str | None = None, variables: dict[str, str] | None = None) -> list[str]:
     """A fake Asterisk: send the environment, answer each command the way Asterisk 22 does: the
-    presentation is `num_pres`, `variables` the values of other expressions, anything else empty
-    (`getvar_reply`: the whole answer to every GET FULL VARIABLE instead)."""
+    presentation is `num_pres`, `variables` the values of other expressions, anything else empty, an
+    expression followed by a channel name not found (`getvar_reply`: the whole answer to every GET FULL
+    VARIABLE instead)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(env)
     commands = []
@@ -149,9 +150,11 @@ async def agi_session(port: int, env: bytes, num_pres: str = "allowed_not_screen
             command = line.decode().rstrip("\n")
             commands.append(command)
             if command.startswith("GET FULL VARIABLE"):
-                expression = command.removeprefix("GET FULL VARIABLE ")
+                # res_agi splits at spaces: a second word names the channel, here one that does not exist.
+                expression, _, channel = command.removeprefix("GET FULL VARIABLE ").partition(" ")
                 value = num_pres if "num-pres" in expression else (variables or {}).get(expression, "")
-                writer.write(f"{getvar_reply or f'200 result=1 ({value})'}\n".encode())
+                answer = "200 result=0" if channel else f"200 result=1 ({value})"
+                writer.write(f"{getvar_reply or answer}\n".encode())
             else:
                 writer.write(b"200 result=1\n")
     finally:

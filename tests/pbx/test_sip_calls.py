@@ -53,6 +53,13 @@ CASES = (
             Expected("anonymous", "withheld", hidden="+593987650006")),
     SipCall("trusted PAI without privacy", (ANONYMOUS, f'P-Asserted-Identity: "Lucia Vera" <sip:+593987650007@{HOST}>'),
             Expected("+593987650007", "allowed", "Lucia Vera")),
+    # The carrier's STIR/SHAKEN verdict, as carriers write it in P-Asserted-Identity.
+    SipCall("PAI with verstat=TN-Validation-Passed", (
+        ANONYMOUS, f'P-Asserted-Identity: "Ana Mora" <sip:+593987650008@{HOST};verstat=TN-Validation-Passed>'),
+            Expected("+593987650008", "allowed", "Ana Mora", verified=True)),
+    SipCall("PAI with verstat=TN-Validation-Failed", (
+        ANONYMOUS, f"P-Asserted-Identity: <sip:+593987650009@{HOST};user=phone;verstat=TN-Validation-Failed>"),
+            Expected("+593987650009", "allowed", verified=False)),
 )
 
 

@@ -22,6 +22,7 @@ class Expected:
     presentation: str
     name: str | None = None
     hidden: str | None = None  # a number the caller withheld: it must not be seen anywhere
+    verified: bool | None = None  # caller.verified, where the way reads the assertion (FastAGI)
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ async def stored_records(stack_: Stack) -> list[bytes]:
     registry = CallRegistry(open_store(settings.store_url), settings.caller_ttl_seconds,
                             sealer=keys_for(settings).sealer)
     try:
-        return [record.to_bytes() for record in await registry.newest(1000)]
+        return [record.to_bytes() for record, _ in await registry.newest(1000)]
     finally:
         await registry.store.close()
 
@@ -75,9 +76,10 @@ async def check(stack_: Stack, calls: list[Placed], uuids: dict[str, str], logs:
         if played.error or len(played.turns) != len(UTTERANCES) or any(turn.problems for turn in played.turns):
             problems.append(f"{call.exten} {call.label}: avr-core {played.error or heard}")
         seen = [(p["caller_number"], p["caller"]["presentation"], p["caller_name"], p["called_number"],
-                 p["caller"]["source"]) for p in by_call.get(uuid, [])]
+                 p["caller"]["source"], p["caller"]["verified"]) for p in by_call.get(uuid, [])]
         want = call.expected
-        expected = [(want.number, want.presentation, want.name, call.exten, call.source)] * len(UTTERANCES)
+        verified = want.verified if call.source == "agi" else None  # only FastAGI reads it from the channel
+        expected = [(want.number, want.presentation, want.name, call.exten, call.source, verified)] * len(UTTERANCES)
         if seen != expected:
             problems.append(f"{call.exten} {call.label}: API saw {seen}, not {expected[0]}")
     log = stack_.pbx.asterisk.log()[-3000:].splitlines()

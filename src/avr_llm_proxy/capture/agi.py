@@ -185,7 +185,10 @@ class _Session:
                 return event
 
     async def value(self, expression: str) -> str | None:
-        """`GET FULL VARIABLE` of an expression: its value ("" when unset or refused), None on hang-up."""
+        """`GET FULL VARIABLE` of an expression: its value ("" when unset or refused), None on hang-up.
+
+        The expression must hold no space: res_agi splits the command there, and a second word is
+        taken as the channel to evaluate it on."""
         reply = await self.command(f"GET FULL VARIABLE {expression}")
         if reply is None:
             return None
@@ -196,7 +199,7 @@ class _Session:
         From (PJSIP channels only), Asterisk's STIR/SHAKEN verification; None on hang-up."""
         headers: str | None = ""
         if env.get("agi_channel").startswith("PJSIP/"):
-            headers = await self.value("${PJSIP_HEADER(read,P-Asserted-Identity)} ${PJSIP_HEADER(read,From)}")
+            headers = await self.value("${PJSIP_HEADER(read,P-Asserted-Identity)}|${PJSIP_HEADER(read,From)}")
         count = await self.value("${STIR_SHAKEN(count)}") if headers is not None else None
         if headers is None or count is None:
             return None
