@@ -22,7 +22,7 @@ class Expected:
     presentation: str
     name: str | None = None
     hidden: str | None = None  # a number the caller withheld: it must not be seen anywhere
-    verified: bool | None = None  # caller.verified, where the way reads the assertion (FastAGI)
+    verified: bool | None = None  # caller.verified, where the way reads the assertion (FastAGI, CURL)
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ async def check(stack_: Stack, calls: list[Placed], uuids: dict[str, str], logs:
         seen = [(p["caller_number"], p["caller"]["presentation"], p["caller_name"], p["called_number"],
                  p["caller"]["source"], p["caller"]["verified"]) for p in by_call.get(uuid, [])]
         want = call.expected
-        verified = want.verified if call.source == "agi" else None  # only FastAGI reads it from the channel
+        verified = want.verified if call.source in ("agi", "curl") else None  # the ways that read the headers
         expected = [(want.number, want.presentation, want.name, call.exten, call.source, verified)] * len(UTTERANCES)
         if seen != expected:
             problems.append(f"{call.exten} {call.label}: API saw {seen}, not {expected[0]}")
