@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from aiohttp import web
 
 from avr_llm_proxy.calls import CallRecord, CallRegistry
@@ -22,6 +23,7 @@ from avr_llm_proxy.simulate import play_call, register_caller
 from avr_llm_proxy.stores import open_store
 
 from ..conftest import FakeApi, closed_port, make_settings, running_api, running_proxy
+from .test_replicas import KEY, REDIS_URL, redis_up
 
 NUMBER = "+593987654321"
 CONTACT = {"customer_id": "C-1043", "tier": "gold", "open_orders": [1043]}
@@ -41,13 +43,17 @@ async def answering(_: web.Request, __: dict[str, Any]) -> web.StreamResponse:
     return web.json_response(CONTACT)
 
 
-async def test_one_lookup_per_call_across_two_processes(tmp_path: Path) -> None:
-    """Captured on one process, turns on two: the CRM is asked once, signed and authorised like the API,
-    and every turn carries its answer; the answer is sealed in the store."""
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+async def test_one_lookup_per_call_across_two_processes(tmp_path: Path, store: str) -> None:
+    """Captured on one process, turns on two sharing SQLite or Redis: the CRM is asked once, signed and
+    authorised like the API, and every turn carries its answer; the answer is sealed in the store."""
     call = str(uuidlib.uuid4())
+    extra = {"store_url": REDIS_URL, "encryption_key": KEY} if store == "redis" else {}
+    if store == "redis" and not redis_up():
+        pytest.skip("Redis is not answering on 127.0.0.1:6379")
     async with running_api() as api, running_api() as crm:
         crm.custom = answering
-        settings = settings_for(tmp_path, api, crm.url)
+        settings = settings_for(tmp_path, api, crm.url, **extra)
         async with running_proxy(settings) as first, running_proxy(settings) as second:
             await register_caller(first.url, call, NUMBER, "Juan Perez", None, "json")
             for url in (second.url, first.url, second.url):
@@ -61,9 +67,12 @@ async def test_one_lookup_per_call_across_two_processes(tmp_path: Path) -> None:
         + call.encode() + b'"}'
     assert digest == hmac.new(b"signing-secret", stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
     assert contacts(api, call) == [CONTACT] * 3
-    with sqlite3.connect(tmp_path / "calls.db") as db:
-        stored = b"".join(bytes(row[0]) for row in db.execute("SELECT value FROM calls"))
-    assert b"C-1043" not in stored and b"gold" not in stored
+    if store == "redis":
+        stored = redis.Redis.from_url(REDIS_URL).get(f"avrlp:call:{call}") or b""
+    else:
+        with sqlite3.connect(tmp_path / "calls.db") as db:
+            stored = b"".join(bytes(row[0]) for row in db.execute("SELECT value FROM calls"))
+    assert stored and b"C-1043" not in stored and b"gold" not in stored
 
 
 async def hanging(_: web.Request, __: dict[str, Any]) -> web.StreamResponse:
