@@ -11,7 +11,7 @@ import json
 import sqlite3
 import time
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -617,3 +617,30 @@ async def test_own_write_echoed_back_still_heals_a_redis_that_lost_it(
         assert redis_db.exists(f"avrlp:call:{call}")
     finally:
         await mine.store.close()
+
+
+class WrittenDuringTheRead(MemoryStore):
+    """A store where another write lands while a read is under way: the read returns the value before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.during_read: Callable[[], Awaitable[object]] | None = None
+
+    async def get(self, key: str) -> bytes | None:
+        value = await super().get(key)
+        if self.during_read is not None:
+            write, self.during_read = self.during_read, None
+            await write()
+        return value
+
+
+async def test_a_write_during_the_waits_read_wakes_it_at_once() -> None:
+    """A wait whose read misses a write landing at that moment is woken by that write's notice, not left to
+    the store's poll interval (here: the whole wait)."""
+    store = WrittenDuringTheRead()
+    registry = CallRegistry(store, 3600)
+    await registry.put(record())
+    store.during_read = lambda: registry.change(UUID, lambda current: dataclasses.replace(current, started_at=1.0))
+    async with asyncio.timeout(5):  # a liveness bound: without the wake the wait lasts its whole 30 s
+        found = await registry.wait(UUID, 30, until=lambda current: current.started_at == 1.0)
+    assert found is not None and found.started_at == 1.0

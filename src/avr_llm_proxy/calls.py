@@ -389,26 +389,29 @@ class CallRegistry:
     async def wait(self, uuid: str, within: float,
                    until: Callable[[CallRecord], bool] | None = None) -> CallRecord | None:
         """The record, waiting up to `within` seconds for a capture that has not happened yet (or for
-        the record to meet `until`: then the record as it is at the end of the wait)."""
-        record = await self.get(uuid)
+        the record to meet `until`: then the record as it is at the end of the wait).
+
+        Each read is made with a waiter already in place: a write that lands during the read wakes
+        the next wait at once instead of leaving it to the store's poll interval.
+        """
         deadline = time.monotonic() + within
         loop = asyncio.get_running_loop()
-        while record is None or (until is not None and not until(record)):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return record
+        while True:
             waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.setdefault(uuid, []).append(waiter)
-            step = remaining if self.store.poll_interval is None else min(remaining, self.store.poll_interval)
             try:
-                async with asyncio.timeout(step):  # not wait_for: it can swallow a cancellation on 3.11
-                    await waiter
-            except TimeoutError:
-                pass
+                record = await self.get(uuid)
+                remaining = deadline - time.monotonic()
+                if (record is not None and (until is None or until(record))) or remaining <= 0:
+                    return record
+                step = remaining if self.store.poll_interval is None else min(remaining, self.store.poll_interval)
+                try:
+                    async with asyncio.timeout(step):  # not wait_for: it can swallow a cancellation on 3.11
+                        await waiter
+                except TimeoutError:
+                    pass
             finally:
                 self._drop_waiter(uuid, waiter)
-            record = await self.get(uuid)
-        return record
 
     def _drop_waiter(self, uuid: str, waiter: asyncio.Future[None]) -> None:
         waiters = self._waiters.get(uuid)
