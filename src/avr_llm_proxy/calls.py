@@ -474,9 +474,9 @@ class CallRegistry:
 
         return await self.change(record.uuid, noted, notify=False) or dataclasses.replace(record, history=history)
 
-    async def count_turn(self, uuid: str) -> int | None:
-        """One more turn answered on this call, counted in the store whatever process answered it."""
-        return await self.store.count(uuid)
+    async def count_turn(self, uuid: str, turns: int = 1) -> int | None:
+        """More turns answered on this call, counted in the store whatever process answered them."""
+        return await self.store.count(uuid, turns)
 
     async def turns(self, uuid: str) -> int:
         """The turns answered on this call so far (0 when it has no record)."""
