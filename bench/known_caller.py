@@ -19,7 +19,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 import uuid as uuidlib
 from collections import Counter
 from pathlib import Path
@@ -140,31 +139,8 @@ async def earlier_calls(port: int, calls: int, connections: int = 10) -> Tally:
 
 async def known_calls(port: int, calls: int, seconds: float) -> tuple[Tally, Tally]:
     """`calls` concurrent calls through the proxy, each speaking every 2 s: (first turns, later turns)."""
-    first, later = Tally(), Tally()
-    stop = time.monotonic() + seconds
-
-    async def one(index: int) -> None:
-        call, number = str(uuidlib.uuid4()), number_for(index)
-        connection = Connection(port)
-        await asyncio.sleep(index * 2.0 / calls)
-        try:
-            await connection.post("/call", orjson.dumps({"uuid": call, "caller_number": number}))
-            history: list[dict[str, str]] = []
-            next_turn = time.monotonic()
-            while time.monotonic() < stop or not history:
-                said = f"frase {len(history)}"
-                tally = later if history else first
-                history.append({"role": "user", "content": said})
-                started_at = time.perf_counter()
-                status, chunks = await connection.post("/prompt-stream", turn_body(call, said, history))
-                tally.latencies.append(time.perf_counter() - started_at)
-                check_reply(status, chunks, number, tally)
-                next_turn += 2.0
-                await asyncio.sleep(max(0.0, next_turn - time.monotonic()))
-        finally:
-            await connection.close()
-
-    await asyncio.gather(*(one(index) for index in range(calls)))
+    first = Tally()
+    later = await paced_calls(port, calls, seconds, through_proxy=True, first=first)
     return first, later
 
 

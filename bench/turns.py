@@ -137,8 +137,9 @@ def check_reply(status: int, chunks: list[bytes], number: str, tally: Tally) -> 
         tally.wrong.append(f"{status} {heard.sentences[:1]} {heard.problems[:1]} expected {number}")
 
 
-async def paced_calls(port: int, calls: int, seconds: float, through_proxy: bool) -> Tally:
-    """`calls` concurrent calls, each speaking every 2 s; direct to the API or through the proxy."""
+async def paced_calls(port: int, calls: int, seconds: float, through_proxy: bool, first: Tally | None = None) -> Tally:
+    """`calls` concurrent calls, each speaking every 2 s (at least once); direct to the API or through the
+    proxy. With `first`, each call's first turn is tallied there, apart from the others."""
     tally = Tally()
     stop = time.monotonic() + seconds
 
@@ -151,8 +152,9 @@ async def paced_calls(port: int, calls: int, seconds: float, through_proxy: bool
                 await connection.post("/call", orjson.dumps({"uuid": call, "caller_number": number}))
             history: list[dict[str, str]] = []
             next_turn = time.monotonic()
-            while time.monotonic() < stop:
+            while time.monotonic() < stop or not history:
                 said = f"frase {len(history)}"
+                turn_tally = first if first is not None and not history else tally
                 history.append({"role": "user", "content": said})
                 if through_proxy:
                     body = turn_body(call, said, history)
@@ -161,11 +163,11 @@ async def paced_calls(port: int, calls: int, seconds: float, through_proxy: bool
                                          "conversation_id": call})
                 started_at = time.perf_counter()
                 status, chunks = await connection.post("/prompt-stream" if through_proxy else "/api", body)
-                tally.latencies.append(time.perf_counter() - started_at)
+                turn_tally.latencies.append(time.perf_counter() - started_at)
                 if through_proxy:
-                    check_reply(status, chunks, number, tally)
+                    check_reply(status, chunks, number, turn_tally)
                 elif number.encode() not in b"".join(chunks):
-                    tally.wrong.append("direct API answer without the number")
+                    turn_tally.wrong.append("direct API answer without the number")
                 next_turn += 2.0
                 await asyncio.sleep(max(0.0, next_turn - time.monotonic()))
         finally:
