@@ -86,6 +86,7 @@ def recaptured(current: CallRecord, capture: CallRecord) -> CallRecord:
     """A call's record after a new capture: a withheld caller stays withheld, the call's lifecycle stays."""
     keep_withheld = current.caller.presentation == "withheld" != capture.caller.presentation
     caller = current.caller if keep_withheld else capture.caller
+    same_number = caller.e164 == current.caller.e164  # what was learnt about the number still holds
     return dataclasses.replace(
         capture,
         caller=caller,
@@ -95,9 +96,9 @@ def recaptured(current: CallRecord, capture: CallRecord) -> CallRecord:
         started_at=current.started_at,
         ended_at=current.ended_at,
         trust=capture.trust if capture.trust != NO_TRUST else current.trust,
-        history=current.history if caller.e164 == current.caller.e164 else None,
-        lookup=current.lookup if caller.e164 == current.caller.e164 else None,
-        contact=current.contact if caller.e164 == current.caller.e164 else None,
+        history=current.history if same_number else None,
+        lookup=current.lookup if same_number else None,
+        contact=current.contact if same_number else None,
     )
 
 
@@ -245,9 +246,10 @@ class CallRegistry:
     async def put(self, record: CallRecord) -> CallRecord:
         """Record a caller, or capture the call again, and wake every turn of this process waiting for it.
 
-        A capture again keeps what the call's record already knows (a withheld presentation, the start,
-        the turns): sources report the same call in any order (the two halves of a Local channel, AMI
-        after FastAGI), and a number withheld by one of them must not come back through another.
+        A capture again keeps what the call's record already knows (a withheld presentation, the start
+        and end; the store keeps the turn count): sources report the same call in any order (the two
+        halves of a Local channel, AMI after FastAGI), and a number withheld by one of them must not come
+        back through another.
         """
         for _ in range(MAX_CHANGE_ATTEMPTS):
             stored = await self._save(record, replace=False)
@@ -459,8 +461,8 @@ class CallRegistry:
     async def with_history(self, record: CallRecord, keep_s: float) -> CallRecord:
         """The record with what its caller's earlier calls were, this call counted once wherever it is
         asked (a caller without an allowed, valid number has none); kept in the record for later turns."""
-        tag = self.number_tag(record.caller) if kept_for(record.caller) else None
-        if tag is None or record.history is not None:
+        tag = self.number_tag(record.caller) if record.history is None and kept_for(record.caller) else None
+        if tag is None:
             return record
         now = time.time()
         row = await self.store.note_call(tag, record.uuid, record.captured_at, now + keep_s, now + self.ttl_seconds)

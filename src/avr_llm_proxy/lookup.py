@@ -73,7 +73,7 @@ class Lookup:
             return record
         self.captured(record)  # captured where nothing started it (a restored record, another way)
         left = record.captured_at + self.timeout_s - time.time()
-        waited = await self.registry.wait(record.uuid, max(0.0, left), until=settled) if left > 0 else record
+        waited = await self.registry.wait(record.uuid, left, until=settled) if left > 0 else record
         if waited is None or not settled(waited):
             log.info("lookup_late", uuid=record.uuid, timeout_ms=round(self.timeout_s * 1000))
             return waited or record

@@ -152,8 +152,10 @@ class HttpClient:
             await self._pool.close()
             self._pool = None
 
-    async def _response(self, url: str, body: bytes, headers: dict[str, str], deadline: float) -> Response:
-        """The response (status 2xx), after at most one connection retry and one Retry-After wait."""
+    async def _response(self, url: str, body: bytes, extra: dict[str, str] | None, deadline: float) -> Response:
+        """The response (status 2xx), after at most one connection retry and one Retry-After wait;
+        `extra`: headers of this request on top of the client's."""
+        headers = {**self.headers, **extra} if extra else self.headers
         if self._pool is None:
             raise UpstreamError("not_started")
         loop = asyncio.get_running_loop()
@@ -200,8 +202,7 @@ class HttpClient:
                      ) -> AsyncGenerator[str, None]:
         """The answer's text pieces; a whole (non-streamed) answer comes as one piece at the end."""
         deadline = asyncio.get_running_loop().time() + self.deadlines.total
-        response = await self._response(url, body, {**self.headers, **headers} if headers else self.headers,
-                                        deadline)
+        response = await self._response(url, body, headers, deadline)
         info.status = response.status
         try:
             decoder = AnswerDecoder(response.headers.get("content-type", ""))
@@ -220,8 +221,7 @@ class HttpClient:
     async def read(self, url: str, body: bytes, limit: int, headers: dict[str, str] | None = None) -> bytes:
         """The whole body of a 2xx answer, at most `limit` bytes, under the deadlines."""
         deadline = asyncio.get_running_loop().time() + self.deadlines.total
-        response = await self._response(url, body, {**self.headers, **headers} if headers else self.headers,
-                                        deadline)
+        response = await self._response(url, body, headers, deadline)
         try:
             return b"".join([chunk async for chunk in _chunks(response, deadline, limit)])
         finally:
@@ -247,6 +247,7 @@ async def _chunks(response: Response, deadline: float, limit: int) -> AsyncGener
         if size > limit:
             raise UpstreamError("answer_too_large", response.status)
         yield chunk
+
 
 def _safe_to_retry(exc: HttpError) -> bool:
     if isinstance(exc, ConnectFailed):

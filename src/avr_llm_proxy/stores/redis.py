@@ -29,6 +29,9 @@ log = structlog.get_logger("avr_llm_proxy.stores.redis")
 PREFIX = "avrlp:"
 CHANNEL = PREFIX + "captured"
 RECENT = PREFIX + "recent"
+CALL = PREFIX + "call:"
+TAG = PREFIX + "tag:"
+ERASED = PREFIX + "erased:"
 COUNT = PREFIX + "count:"
 HISTORY = PREFIX + "history:"
 SEEN = PREFIX + "seen:"
@@ -78,8 +81,8 @@ return 1
 # deletion, unindexed): the mark of when (so no copy captured before it is written back), every call
 # of the tag with its index entries, the news for replicas (each call, then the tag: they drop the
 # copies they hold). KEYS: the tag's set, its erasure mark, the recent calls, its history and notes;
-# ARGV: when, how long
-# the mark is kept (ms), the calls' key prefix, the channel, the tag's message, the counters' prefix.
+# ARGV: when, how long the mark is kept (ms), the calls' key prefix, the channel, the tag's message,
+# the counters' prefix.
 _ERASE = """
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[4], KEYS[5])
@@ -205,10 +208,9 @@ class RedisStore:
 
     @staticmethod
     def _written(key: str, tag: str | None) -> list[str]:
-        """The KEYS of a write: the value, its tag's set (untouched without a tag), the recent calls, and
-        when the tag was erased."""
-        return [PREFIX + "call:" + key, PREFIX + "tag:" + (tag or ""), RECENT, PREFIX + "erased:" + (tag or ""),
-                COUNT + key]
+        """The KEYS of a write: the value, its tag's set (untouched without a tag), the recent calls,
+        when the tag was erased, and the value's counter."""
+        return [CALL + key, TAG + (tag or ""), RECENT, ERASED + (tag or ""), COUNT + key]
 
     @staticmethod
     def _indexing(key: str, expires_at: float, tag: str | None, notify: bool) -> list[str | float]:
@@ -236,13 +238,13 @@ class RedisStore:
 
     async def get(self, key: str) -> bytes | None:
         async with self._answered("read"):
-            value = await self._client.get(PREFIX + "call:" + key)
+            value = await self._client.get(CALL + key)
         return None if value is None else _bytes(value)
 
     async def delete(self, key: str) -> bool:
         async with self._answered("delete"):
             async with self._client.pipeline(transaction=True) as both:  # the value and its counter, at once
-                both.delete(PREFIX + "call:" + key)
+                both.delete(CALL + key)
                 both.delete(COUNT + key)
                 deleted, _ = await both.execute()
             await self._client.publish(CHANNEL, "-" + key)
@@ -250,27 +252,27 @@ class RedisStore:
 
     async def delete_tagged(self, tag: str) -> int:
         async with self._answered("erase"):
-            keys = [PREFIX + "tag:" + tag, PREFIX + "erased:" + tag, RECENT, HISTORY + tag, SEEN + tag]
+            keys = [TAG + tag, ERASED + tag, RECENT, HISTORY + tag, SEEN + tag]
             deleted = await self._erase(keys=keys, args=[
-                time.time(), ERASURE_KEPT_S * 1000, PREFIX + "call:", CHANNEL, TAG_ERASED + tag, COUNT])
+                time.time(), ERASURE_KEPT_S * 1000, CALL, CHANNEL, TAG_ERASED + tag, COUNT])
         return int(deleted)
 
     async def count(self, key: str, by: int = 1) -> int | None:
         async with self._answered("count"):
-            counted = await self._count(keys=[PREFIX + "call:" + key, COUNT + key], args=[by])
+            counted = await self._count(keys=[CALL + key, COUNT + key], args=[by])
         return None if counted is None else int(counted)
 
     async def note_call(self, tag: str, key: str, at: float, keep_until: float,
                         seen_until: float) -> HistoryRow | None:
         async with self._answered("history"):
-            answer = await self._note_call(keys=[HISTORY + tag, SEEN + tag, PREFIX + "erased:" + tag], args=[
+            answer = await self._note_call(keys=[HISTORY + tag, SEEN + tag, ERASED + tag], args=[
                 key, repr(at), int(keep_until * 1000), int(seen_until * 1000), int(time.time() * 1000)])
         return None if answer is None else _history_row(_text(answer))
 
     async def recent(self, limit: int) -> list[tuple[bytes, int]]:
         async with self._answered("read"):
             keys = [_text(member) for member in await self._client.zrevrange(RECENT, 0, limit - 1)]
-            values = await self._client.mget([PREFIX + "call:" + key for key in keys]) if keys else []
+            values = await self._client.mget([CALL + key for key in keys]) if keys else []
             counts = await self._client.mget([COUNT + key for key in keys]) if keys else []
         return [(_bytes(value), int(count or 0)) for value, count in zip(values, counts, strict=True)
                 if value is not None]
