@@ -347,6 +347,8 @@ class FakeManager:
     accept_login: bool = True
     logins: int = 0
     getvars: list[str] = field(default_factory=list)
+    variables: dict[str, str] = field(default_factory=dict)  # other channel variables' values
+    asked: list[str] = field(default_factory=list)
     port: int = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -377,8 +379,11 @@ class FakeManager:
                             writer.write(f"Response: Error\r\nActionID: {action['actionid']}\r\n"
                                          "Message: No such channel\r\n\r\n".encode())
                             continue
+                        variable = action["variable"]
+                        self.asked.append(variable)
+                        value = self.num_pres if variable == "CALLERID(num-pres)" else self.variables.get(variable, "")
                         writer.write(f"Response: Success\r\nActionID: {action['actionid']}\r\n"
-                                     f"Variable: CALLERID(num-pres)\r\nValue: {self.num_pres}\r\n\r\n".encode())
+                                     f"Variable: {variable}\r\nValue: {value}\r\n\r\n".encode())
         except ConnectionError:
             pass
         finally:
@@ -441,6 +446,43 @@ async def test_getvar_error_withholds_the_number(tmp_path: Path) -> None:
     assert "Local/s@avr-00000000;2" in manager.getvars
     assert api.received[0]["caller_number"] == "anonymous" and api.received[0]["caller"]["raw"] is None
     assert "593987654321" not in orjson.dumps(api.received[0]).decode()
+
+
+@pytest.mark.parametrize(("variables", "expected"), [
+    ({"PJSIP_HEADER(read,P-Asserted-Identity)": "<sip:+593987654321@carrier;verstat=TN-Validation-Passed>"},
+     ("TN-Validation-Passed", None, True)),
+    ({"PJSIP_HEADER(read,From)": "<sip:+593987654321@carrier;verstat=TN-Validation-Failed>"},
+     ("TN-Validation-Failed", None, False)),
+    ({"STIR_SHAKEN(count)": "1", "STIR_SHAKEN(0,attestation)": "A", "STIR_SHAKEN(0,verify_result)": "success"},
+     (None, "A", True)),
+    ({"STIR_SHAKEN(count)": "0", "STIR_SHAKEN(0,attestation)": "A", "STIR_SHAKEN(0,verify_result)": "success"},
+     (None, None, None)),
+], ids=["pai_passed", "from_failed", "stir_passed", "stir_none"])
+async def test_pjsip_channel_assertion_is_read(tmp_path: Path, variables: dict[str, str],
+                                               expected: tuple[object, ...]) -> None:
+    """On a PJSIP channel the listener asks for the headers and the STIR/SHAKEN result, and the turns
+    carry them; the result is asked only when there is one."""
+    events = EVENTS.replace(b"Local/s@avr-00000000;2", b"PJSIP/carrier-00000007")
+    async with fake_manager(FakeManager([events], variables=variables)) as manager, running_api() as api:
+        settings = make_settings(tmp_path, api_url=api.url, ami_url=f"ami://avr:secret@127.0.0.1:{manager.port}",
+                                 caller_wait_ms=3000)
+        async with running_proxy(settings) as proxy:
+            assert await caller_of(proxy.url, DIAL_UUID) == "Hola +593987654321."
+    caller = api.received[0]["caller"]
+    assert (caller["verstat"], caller["attestation"], caller["verified"]) == expected
+    assert ("STIR_SHAKEN(0,verify_result)" in manager.asked) == (variables.get("STIR_SHAKEN(count)") == "1")
+    assert "PJSIP_HEADER(read,From)" in manager.asked
+
+
+async def test_other_channels_are_not_asked_for_headers(tmp_path: Path) -> None:
+    """A Local channel has no SIP headers: only the presentation is asked."""
+    async with fake_manager(FakeManager([EVENTS])) as manager, running_api() as api:
+        settings = make_settings(tmp_path, api_url=api.url, ami_url=f"ami://avr:secret@127.0.0.1:{manager.port}",
+                                 caller_wait_ms=3000)
+        async with running_proxy(settings) as proxy:
+            await caller_of(proxy.url, DIAL_UUID)
+    assert set(manager.asked) == {"CALLERID(num-pres)"}
+    assert api.received[0]["caller"]["verified"] is None
 
 
 def captured_lines(lines: list[str]) -> dict[str, dict[str, str]]:

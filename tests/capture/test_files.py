@@ -116,3 +116,21 @@ async def test_file_as_asterisk_writes_it_without_a_caller_id(tmp_path: Path) ->
     assert record is not None and record.caller.presentation == "unavailable"
     assert record.caller.caller_number("e164") == "unknown" and record.caller.raw is None
     assert record.caller.name is None and record.called_number == "5551000"
+
+
+@pytest.mark.parametrize(("lines", "trust"), [
+    (b"verstat=%22Ana%22%20%3Csip%3A%2B593987654321%3Bverstat%3DTN-Validation-Passed%40carrier%3E%7C\n",
+     ("TN-Validation-Passed", None, None, True)),
+    (b"verstat=%7C\nattest=A\nverify=success\n", (None, "A", "success", True)),
+    (b"verstat=%7C\nattest=A\nverify=signature_validation\n", (None, "A", "signature_validation", False)),
+    (b"verstat=%7C\nattest=Z%0Aboom\nverify=%24%7BSHELL(id)%7D\n", (None, None, None, None)),
+    (b"", (None, None, None, None)),
+], ids=["pai_passed", "stir_passed", "stir_failed", "junk", "none"])
+async def test_assertion_lines(tmp_path: Path, lines: bytes, trust: tuple[object, ...]) -> None:
+    """verstat= (the URL-encoded headers), attest= and verify= carry what the network asserted."""
+    data = b"0987654321\npres=allowed_not_screened\nname=Ana\ndnid=5551000\n" + lines
+    (tmp_path / f"callerid-{UUID}.txt").write_bytes(data)
+    record = await LegacyCallerFiles(str(tmp_path), 3600, "EC").find(UUID)
+    assert record is not None
+    got = record.trust
+    assert (got.verstat, got.attestation, got.verify_result, got.verified) == trust

@@ -22,7 +22,7 @@ class Expected:
     presentation: str
     name: str | None = None
     hidden: str | None = None  # a number the caller withheld: it must not be seen anywhere
-    verified: bool | None = None  # caller.verified, where the way reads the assertion (FastAGI, CURL)
+    verified: bool | None = None  # caller.verified, which every way reads off a SIP channel
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,8 @@ async def check(stack_: Stack, calls: list[Placed], uuids: dict[str, str], logs:
         seen = [(p["caller_number"], p["caller"]["presentation"], p["caller_name"], p["called_number"],
                  p["caller"]["source"], p["caller"]["verified"]) for p in by_call.get(uuid, [])]
         want = call.expected
-        verified = want.verified if call.source in ("agi", "curl") else None  # the ways that read the headers
-        expected = [(want.number, want.presentation, want.name, call.exten, call.source, verified)] * len(UTTERANCES)
+        turn = (want.number, want.presentation, want.name, call.exten, call.source, want.verified)
+        expected = [turn] * len(UTTERANCES)
         if seen != expected:
             problems.append(f"{call.exten} {call.label}: API saw {seen}, not {expected[0]}")
     log = stack_.pbx.asterisk.log()[-3000:].splitlines()

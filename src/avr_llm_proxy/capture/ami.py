@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import re
 from collections import OrderedDict
@@ -19,7 +20,15 @@ import structlog
 
 from ..avr import canonical_uuid
 from ..calls import CallRecord, CallRegistry
-from ..identity import dialled_number, parse_caller, parse_presentation, sanitize_raw, strictest
+from ..identity import (
+    CallerTrust,
+    dialled_number,
+    parse_caller,
+    parse_presentation,
+    parse_trust,
+    sanitize_raw,
+    strictest,
+)
 from ..observability import AMI_CONNECTED, AMI_EVENTS
 from ..stores import StoreError
 
@@ -255,11 +264,11 @@ def _action(fields: dict[str, str]) -> bytes:
 class AmiListener:
     """Logs in to the manager, reads events, records callers; reconnects with backoff, forever."""
 
-    def __init__(self, registry: CallRegistry, url: str, region: str, presentation_wait: float = 1.0) -> None:
+    def __init__(self, registry: CallRegistry, url: str, region: str, answer_wait: float = 1.0) -> None:
         self.endpoint = parse_ami_url(url)
         self.registry = registry
         self.region = region
-        self.presentation_wait = presentation_wait
+        self.answer_wait = answer_wait
         self.tracker = CallTracker()
         self.connected = False
         self._task: asyncio.Task[None] | None = None
@@ -354,12 +363,15 @@ class AmiListener:
         """Record one capture; a presentation-only change has no event, so ask for num-pres first."""
         num_pres: str | None = ""
         if parse_presentation(capture.presentation) in (None, "allowed"):
-            num_pres = await self._presentation(capture.channel, writer)
+            num_pres = await self._getvar(capture.channel, "CALLERID(num-pres)", writer)
             if num_pres is None:
                 log.warning("ami_presentation_unknown", uuid=capture.uuid, channel=capture.channel,
                             treated_as="withheld")
+        record = record_from_capture(capture, num_pres, self.region)
+        if capture.channel.startswith("PJSIP/"):
+            record = dataclasses.replace(record, trust=await self._trust(capture.channel, writer))
         try:
-            stored = await self.registry.put(record_from_capture(capture, num_pres, self.region))
+            stored = await self.registry.put(record)
         except StoreError as exc:
             log.error("capture_not_stored", uuid=capture.uuid, source="ami", reason=str(exc))
             return
@@ -368,17 +380,29 @@ class AmiListener:
         log.info("caller_captured", uuid=capture.uuid, source="ami", caller_number=caller.log_number,
                  presentation=caller.presentation, channel=capture.channel)
 
-    async def _presentation(self, channel: str, writer: asyncio.StreamWriter) -> str | None:
-        """The channel's `CALLERID(num-pres)`; None when the manager could not say (error, no answer)."""
+    async def _trust(self, channel: str, writer: asyncio.StreamWriter) -> CallerTrust:
+        """What the network asserted, read off a PJSIP channel: its P-Asserted-Identity and From headers
+        and Asterisk's STIR/SHAKEN verification. Whatever the manager cannot say counts as not asserted."""
+        headers = [await self._getvar(channel, f"PJSIP_HEADER(read,{name})", writer)
+                   for name in ("P-Asserted-Identity", "From")]
+        count = await self._getvar(channel, "STIR_SHAKEN(count)", writer) or ""
+        attestation = result = None
+        if count.strip().isdigit() and int(count) > 0:
+            attestation = await self._getvar(channel, "STIR_SHAKEN(0,attestation)", writer)
+            result = await self._getvar(channel, "STIR_SHAKEN(0,verify_result)", writer)
+        return parse_trust([header for header in headers if header], attestation, result)
+
+    async def _getvar(self, channel: str, variable: str, writer: asyncio.StreamWriter) -> str | None:
+        """A channel's variable or function value; None when the manager could not say (error, no answer)."""
         if writer.is_closing():
             return None
-        action_id = f"pres-{next(self._ids)}"
+        action_id = f"get-{next(self._ids)}"
         waiter: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._pending[action_id] = waiter
         writer.write(_action({"Action": "Getvar", "ActionID": action_id, "Channel": channel,
-                              "Variable": "CALLERID(num-pres)"}))
+                              "Variable": variable}))
         try:
-            async with asyncio.timeout(self.presentation_wait):
+            async with asyncio.timeout(self.answer_wait):
                 return await waiter
         except TimeoutError:
             return None

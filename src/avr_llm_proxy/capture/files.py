@@ -17,14 +17,16 @@ import structlog
 
 from ..avr import canonical_uuid
 from ..calls import CallRecord
-from ..identity import dialled_number, parse_caller
+from ..identity import dialled_number, parse_caller, parse_trust
 
 log = structlog.get_logger("avr_llm_proxy.capture.files")
 
-MAX_FILE_BYTES = 512
+# Room for the number, name and dialled number, and the P-Asserted-Identity and From headers.
+MAX_FILE_BYTES = 4096
 PREFIX, SUFFIX = "callerid-", ".txt"
-# What dialplan/avr-callerid-legacy.conf writes after the number: presentation, name, dialled number.
-FIELDS = ("pres", "name", "dnid")
+# What dialplan/avr-callerid-legacy.conf writes after the number: presentation, name, dialled number,
+# and what the network asserted (the headers holding `verstat=`, STIR/SHAKEN attestation and result).
+FIELDS = ("pres", "name", "dnid", "verstat", "attest", "verify")
 
 
 def _contents(data: bytes) -> tuple[str, dict[str, str]]:
@@ -87,7 +89,8 @@ class LegacyCallerFiles:
         caller = parse_caller(number, fields.get("name"), fields.get("pres"), source="file", region=self.region)
         log.info("caller_file_read", uuid=uuid, caller_number=caller.log_number, presentation=caller.presentation)
         return CallRecord(uuid=path.name[len(PREFIX):-len(SUFFIX)], caller=caller,
-                          called_number=dialled_number(fields.get("dnid")))
+                          called_number=dialled_number(fields.get("dnid")),
+                          trust=parse_trust(fields.get("verstat"), fields.get("attest"), fields.get("verify")))
 
     def erase_number(self, number: str) -> int:
         """Delete every caller file that names `number` (E.164 or as written); returns how many."""
