@@ -24,7 +24,8 @@ from pathlib import Path
 
 import uvloop
 
-from avr_llm_proxy.capture.ami import AmiParser, CallTracker
+from avr_llm_proxy.capture.ami import CallTracker
+from avr_llm_proxy.manager import AmiParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from turns import Tally, free_port, started  # noqa: E402

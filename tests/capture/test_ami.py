@@ -17,17 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from avr_llm_proxy.calls import CallRecord, CallRegistry
-from avr_llm_proxy.capture.ami import (
-    AmiCapture,
-    AmiListener,
-    AmiMessage,
-    AmiParser,
-    AmiProtocolError,
-    CallTracker,
-    parse_ami_url,
-    record_from_capture,
-)
+from avr_llm_proxy.capture.ami import AmiCapture, AmiListener, CallTracker, record_from_capture
 from avr_llm_proxy.identity import parse_caller
+from avr_llm_proxy.manager import AmiMessage, AmiParser, AmiProtocolError, parse_ami_url
 from avr_llm_proxy.simulate import http_request, play_call
 from avr_llm_proxy.stores.memory import MemoryStore
 

@@ -13,9 +13,10 @@ import pytest
 
 from avr_llm_proxy.calls import CallRecord
 from avr_llm_proxy.capture.agi import AgiEnvironment, AgiParser, record_from_environment
-from avr_llm_proxy.capture.ami import AmiParser, CallTracker, record_from_capture
+from avr_llm_proxy.capture.ami import CallTracker, record_from_capture
 from avr_llm_proxy.capture.call import parse_call
 from avr_llm_proxy.capture.files import LegacyCallerFiles
+from avr_llm_proxy.manager import AmiParser
 
 from ..conftest import FIXTURES
 

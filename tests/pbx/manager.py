@@ -11,7 +11,7 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator
 
-from avr_llm_proxy.capture.ami import AmiMessage, AmiParser
+from avr_llm_proxy.manager import AmiMessage, AmiParser
 
 
 class Manager:

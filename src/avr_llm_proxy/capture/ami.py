@@ -1,6 +1,6 @@
 """AMI capture: find each call's UUID and caller in Asterisk's manager events, no dialplan change needed.
 
-Three parts, as STYLE.md asks: `AmiParser` (sans-I/O framing), `CallTracker` (sans-I/O: which caller
+Two parts over `manager.py`'s framing, as STYLE.md asks: `CallTracker` (sans-I/O: which caller
 belongs to which UUID) and `AmiListener` (asyncio: login, read, reconnect, record). The event rules
 are WIRE.md section 4, observed in ami-local-call.txt.
 """
@@ -14,7 +14,6 @@ import itertools
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
 
 import structlog
 
@@ -29,82 +28,18 @@ from ..identity import (
     sanitize_raw,
     strictest,
 )
+from ..manager import AmiMessage, AmiParser, AmiProtocolError, action_bytes, parse_ami_url
 from ..observability import AMI_CONNECTED, AMI_EVENTS
 from ..stores import StoreError
 
 log = structlog.get_logger("avr_llm_proxy.capture.ami")
 
-MAX_MESSAGE_BYTES = 64 * 1024
 MAX_CHANNELS = 20_000
 # AudioSocket/<host:port>-<uuid>; the host may hold dashes itself (avr-core:5001).
 _AUDIOSOCKET_CHANNEL = re.compile(r"^AudioSocket/.+-([0-9A-Fa-f-]{36})$")
 _NO_VALUE = ("", "<unknown>", "unknown")
 _C_ESCAPE = re.compile(r"\\(.)")
 _C_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
-
-
-class AmiProtocolError(Exception):
-    """The manager sent something that is not AMI (no banner, a message past the size cap)."""
-
-
-class AmiMessage(dict[str, str]):
-    """One AMI message, keys lower-cased; a repeated key keeps its values joined by newlines."""
-
-    def value(self, key: str) -> str:
-        return self.get(key, "")
-
-
-class AmiParser:
-    """Feed bytes, get messages: banner first, blocks split on an empty line, LF or CRLF."""
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self.banner: str | None = None
-        self.closed = False
-
-    def feed(self, data: bytes) -> list[AmiMessage]:
-        if not data:
-            self.closed = True
-            return []
-        self._buffer += data
-        if self.banner is None:
-            end = self._buffer.find(b"\n")
-            if end < 0:
-                if len(self._buffer) > 1024:
-                    raise AmiProtocolError("no AMI banner")
-                return []
-            banner = self._buffer[:end].rstrip(b"\r").decode("utf-8", errors="replace")
-            if not banner.startswith("Asterisk Call Manager/"):
-                raise AmiProtocolError(f"not an AMI banner: {banner[:60]!r}")
-            self.banner, self._buffer = banner, self._buffer[end + 1:]
-        messages: list[AmiMessage] = []
-        while True:
-            end, size = self._block_end()
-            if end < 0:
-                if len(self._buffer) > MAX_MESSAGE_BYTES:
-                    raise AmiProtocolError("message too large")
-                return messages
-            block, self._buffer = self._buffer[:end], self._buffer[end + size:]
-            message = self._message(block)
-            if message is not None:
-                messages.append(message)
-
-    def _block_end(self) -> tuple[int, int]:
-        crlf, lf = self._buffer.find(b"\r\n\r\n"), self._buffer.find(b"\n\n")
-        if crlf >= 0 and (lf < 0 or crlf < lf):
-            return crlf, 4
-        return lf, 2
-
-    @staticmethod
-    def _message(block: bytes) -> AmiMessage | None:
-        message = AmiMessage()
-        for line in block.decode("utf-8", errors="replace").splitlines():
-            key, sep, value = line.partition(":")
-            if not sep:
-                continue
-            name, text = key.strip().lower(), value.strip()
-            message[name] = f"{message[name]}\n{text}" if name in message else text
-        return message if "event" in message or "response" in message else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,26 +176,6 @@ def record_from_capture(capture: AmiCapture, num_pres: str | None, region: str) 
                       channel=capture.channel[:128], uniqueid=capture.uniqueid[:64] or None)
 
 
-@dataclass(frozen=True, slots=True)
-class AmiEndpoint:
-    host: str
-    port: int
-    username: str
-    secret: str
-
-
-def parse_ami_url(url: str) -> AmiEndpoint:
-    """`ami://user:secret@host:5038` (user and secret URL-encoded when they hold `@` or `:`)."""
-    parts = urlsplit(url)
-    if parts.scheme != "ami" or not parts.hostname or not parts.username or parts.password is None:
-        raise ValueError("must look like ami://user:secret@host:5038")
-    return AmiEndpoint(parts.hostname, parts.port or 5038, unquote(parts.username), unquote(parts.password))
-
-
-def _action(fields: dict[str, str]) -> bytes:
-    return "".join(f"{key}: {value}\r\n" for key, value in fields.items()).encode() + b"\r\n"
-
-
 class AmiListener:
     """Logs in to the manager, reads events, records callers; reconnects with backoff, forever."""
 
@@ -312,7 +227,7 @@ class AmiListener:
         # A restarted Asterisk names channels from 0 again: what was tracked before belongs to other calls.
         self.tracker = CallTracker()
         try:
-            writer.write(_action({"Action": "Login", "ActionID": "login", "Username": self.endpoint.username,
+            writer.write(action_bytes({"Action": "Login", "ActionID": "login", "Username": self.endpoint.username,
                                   "Secret": self.endpoint.secret, "Events": "on"}))
             await writer.drain()
             while True:
@@ -320,7 +235,7 @@ class AmiListener:
                     async with asyncio.timeout(60.0):
                         data = await reader.read(65536)
                 except TimeoutError:
-                    writer.write(_action({"Action": "Ping", "ActionID": "ping"}))
+                    writer.write(action_bytes({"Action": "Ping", "ActionID": "ping"}))
                     async with asyncio.timeout(10.0):
                         data = await reader.read(65536)
                 if not data:
@@ -343,7 +258,7 @@ class AmiListener:
                 log.info("ami_connected", host=self.endpoint.host, port=self.endpoint.port)
                 # Every capture asks Getvar: a user that may not would withhold every caller, one
                 # warning per call. Asked once now, the reason is said once, at login.
-                writer.write(_action({"Action": "Getvar", "ActionID": "probe", "Variable": "AVR_LLM_PROXY_PROBE"}))
+                writer.write(action_bytes({"Action": "Getvar", "ActionID": "probe", "Variable": "AVR_LLM_PROXY_PROBE"}))
             elif action_id == "probe" and message.value("response").lower() != "success":
                 log.warning("ami_getvar_refused", host=self.endpoint.host, message=message.value("message")[:80],
                             effect="every caller it captures is recorded withheld",
@@ -399,7 +314,7 @@ class AmiListener:
         action_id = f"get-{next(self._ids)}"
         waiter: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._pending[action_id] = waiter
-        writer.write(_action({"Action": "Getvar", "ActionID": action_id, "Channel": channel,
+        writer.write(action_bytes({"Action": "Getvar", "ActionID": action_id, "Channel": channel,
                               "Variable": variable}))
         try:
             async with asyncio.timeout(self.answer_wait):
