@@ -4,6 +4,7 @@ Sans-I/O: `AnswerDecoder` is fed body bytes and returns the text pieces they com
 are ARCHITECTURE.md's: `{"message": …}` (also `text`, `content`, `response`, `answer`, `reply`,
 OpenAI-style `choices[0].message.content` or `choices[0].delta.content`), plain text, NDJSON lines,
 SSE `data:` fields (comments, keep-alives and `[DONE]` ignored), or a chunked `text/plain` body.
+A JSON answer, line or event may also hold an `action` (call control); the first one is kept.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class AnswerDecoder:
             except (LookupError, ValueError):
                 self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._whole: list[bytes] = []
+        self.action: object | None = None  # the answer's first `action`, for control.py to judge
         self._line = ""
         self._event: list[str] = []
 
@@ -124,9 +126,11 @@ class AnswerDecoder:
         sniffed = text.lstrip()[:15].lower()
         if self.kind == "json" or (self.kind == "sniff" and sniffed[:1] in ("{", "[", '"')):
             try:
-                found = text_from_json(orjson.loads(text))
+                found = text_from_json(self._noted(orjson.loads(text)))
             except orjson.JSONDecodeError:
                 raise AnswerError("invalid_json") from None
+            if found is None and self.action is not None:
+                return ""  # an action alone: nothing to say first
             if found is None:
                 raise AnswerError("no_message_in_json")
             return found
@@ -150,14 +154,18 @@ class AnswerDecoder:
         data, self._event = "\n".join(self._event), []
         return self._piece(data) if data else []
 
-    @staticmethod
-    def _piece(data: str) -> list[str]:
+    def _noted(self, data: object) -> object:
+        if self.action is None and isinstance(data, dict) and data.get("action") is not None:
+            self.action = data["action"]
+        return data
+
+    def _piece(self, data: str) -> list[str]:
         if data.strip() == "[DONE]":
             return []
         stripped = data.lstrip()
         if stripped[:1] in ("{", "[", '"'):
             try:
-                found = text_from_json(orjson.loads(stripped))
+                found = text_from_json(self._noted(orjson.loads(stripped)))
             except orjson.JSONDecodeError:
                 return [data]
             return [found] if found else []

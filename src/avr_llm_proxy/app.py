@@ -24,10 +24,12 @@ from .capture.ami import AmiListener
 from .capture.files import LegacyCallerFiles
 from .capture.routes import ClientGone, capture_router, read_body
 from .config import Settings
+from .control import CallControl
 from .demo_api import DemoApi
 from .leader import HostLock, lead
 from .lifecycle import Lifecycle
 from .lookup import Lookup
+from .manager import ManagerClient, parse_ami_url
 from .observability import metrics_text
 from .openai_chat import ChatUpstream
 from .privacy import Keys, number_redactor, resolve_keys
@@ -74,6 +76,12 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
     upstream = choose_upstream(settings)
     lookup = Lookup(registry, settings.lookup_url, settings.lookup_timeout_ms / 1000, settings.number_format,
                     settings.api_token, settings.api_signing_secret) if settings.lookup_url else None
+    lifecycle = Lifecycle(registry, settings.default_region, settings.number_format, settings.events_url,
+                          token=settings.api_token, signing_secret=settings.api_signing_secret)
+    # Actions go on a manager connection of each process's own: any worker may answer the turn that asks.
+    control = CallControl(registry, ManagerClient(parse_ami_url(settings.ami_url)) if settings.ami_url else None,
+                          settings.destinations, settings.transfer_context, settings.action_delay_ms,
+                          settings.speech_chars_per_second, lifecycle)
     turns = Turns(
         registry,
         upstream,
@@ -85,9 +93,8 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
             history_s=settings.history_days * 86400,
         ),
         lookup,
+        control,
     )
-    lifecycle = Lifecycle(registry, settings.default_region, settings.number_format, settings.events_url,
-                          token=settings.api_token, signing_secret=settings.api_signing_secret)
     agi = FastAgiServer(registry, settings.agi_listen, settings.default_region) if settings.agi_listen else None
     ami = AmiListener(registry, settings.ami_url, settings.default_region) if settings.ami_url else None
     # With --workers N, one worker of the host holds the AMI connection (see leader.py).
@@ -134,6 +141,10 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
                         "avr-core's call_initiated carries no presentation: a withheld caller is honoured only "
                         "when the dialplan posts /call itself (dialplan/avr-callerid-curl.conf)",
                         hint="set AGI_LISTEN or AMI_URL, or use avr-callerid-curl.conf")
+        if (settings.transfer_allow or settings.call_control == "on") and not settings.ami_url:
+            log.warning("call_control_off", reason="AMI_URL is not set: answers' transfer and hangup actions are "
+                        "refused (action_refused reason=no_ami_url)",
+                        hint="set AMI_URL to a manager user with write = call")
         try:
             yield
         finally:
@@ -152,6 +163,7 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
             ami_lock.release()
             await lifecycle.close()
             await turns.close()
+            await control.close()
             if lookup:
                 await lookup.close()
             await upstream.close()

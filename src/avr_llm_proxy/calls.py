@@ -61,6 +61,8 @@ class CallRecord:
     # answer in `contact`, or "failed:<reason>".
     lookup: str | None = None
     contact: dict[str, Any] | None = None
+    # The call action an answer asked for (control.py): type, to, reason, outcome, at.
+    action: dict[str, Any] | None = None
 
     def to_bytes(self) -> bytes:
         """Compact JSON, nulls left out; copied because orjson's own buffer keeps 4 KiB per object."""
@@ -99,6 +101,7 @@ def recaptured(current: CallRecord, capture: CallRecord) -> CallRecord:
         history=current.history if same_number else None,
         lookup=current.lookup if same_number else None,
         contact=current.contact if same_number else None,
+        action=current.action,
     )
 
 

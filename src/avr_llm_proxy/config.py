@@ -16,11 +16,13 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator, mode
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .extensions import Destinations, parse_destinations
 from .privacy import parse_keys
 from .speech import sentences
 
 _DIALABLE = re.compile(r"^\+?[0-9]{2,20}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTEXT = re.compile(r"^[A-Za-z0-9_-]{1,79}$")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 DEFAULT_FALLBACK = "Disculpe, en este momento no puedo responder. Por favor, intente de nuevo en unos minutos."
 
@@ -123,6 +125,13 @@ class Settings(BaseSettings):
     lookup_url: str = Field("", validation_alias="LOOKUP_URL", description="CRM lookup, once per call")
     lookup_timeout_ms: int = Field(800, ge=50, le=10_000, validation_alias="LOOKUP_TIMEOUT_MS")
     callerid_file_owners: str = Field("", validation_alias="CALLERID_FILE_OWNERS")
+    transfer_allow: str = Field("", validation_alias="TRANSFER_ALLOW",
+                                description="extensions and patterns a caller may be transferred to")
+    transfer_context: str = Field("avr-transfer", validation_alias="TRANSFER_CONTEXT")
+    action_delay_ms: int = Field(0, ge=0, le=60_000, validation_alias="ACTION_DELAY_MS",
+                                 description="wait before a call action (0: the estimated speaking time)")
+    speech_chars_per_second: float = Field(14.0, gt=0, le=100, validation_alias="SPEECH_CHARS_PER_SECOND")
+    call_control: Literal["off", "on"] = Field("off", validation_alias="CALL_CONTROL")
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576, validation_alias="MAX_BODY_BYTES")
 
     @field_validator("api_url", "openai_base_url", "events_url", "lookup_url")
@@ -233,6 +242,23 @@ class Settings(BaseSettings):
         """Users whose legacy caller files are trusted: CALLERID_FILE_OWNERS, else root and this process."""
         given = {int(part) for part in self.callerid_file_owners.split(",") if part.strip()}
         return frozenset(given or {0, os.getuid()})
+
+    @field_validator("transfer_allow")
+    @classmethod
+    def _destinations(cls, value: str) -> str:
+        parse_destinations(value)
+        return value
+
+    @field_validator("transfer_context")
+    @classmethod
+    def _context(cls, value: str) -> str:
+        if not _CONTEXT.match(value):
+            raise ValueError("must be a dialplan context name: letters, digits, - and _ (at most 79)")
+        return value
+
+    @property
+    def destinations(self) -> Destinations:
+        return parse_destinations(self.transfer_allow)
 
     @field_validator("ami_url")
     @classmethod

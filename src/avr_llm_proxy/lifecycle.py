@@ -102,11 +102,19 @@ class Lifecycle:
         elif record is not None and event.type in ("call_started", "call_ended"):
             record = await self._mark(event)
         log.info("call_event", uuid=event.uuid, type=event.type, known=record is not None)
+        self._send(event, record)
+        return record
+
+    def announce(self, uuid: str, kind: str, payload: dict[str, Any], record: CallRecord | None) -> None:
+        """Tell EVENTS_URL of something the proxy itself did to a call (a transfer, a hang-up)."""
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self._send(Event(uuid, kind, stamp, payload), record)
+
+    def _send(self, event: Event, record: CallRecord | None) -> None:
         if self.client is not None:
             task = asyncio.create_task(self._forward(event, record))
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
-        return record
 
     async def _mark(self, event: Event) -> CallRecord | None:
         """The start or end time on the record; after its end the record is kept only a short while."""

@@ -56,6 +56,8 @@ FIRST_SENTENCE = Histogram(
     "avr_llm_proxy_first_sentence_seconds", "Time from a turn's arrival to its first sentence leaving",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
 )
+ACTIONS = Counter("avr_llm_proxy_actions", "Call actions asked for by answers, by type and outcome (sent, refused, "
+                  "failed)", ["type", "outcome"])
 EVENTS = Counter("avr_llm_proxy_call_events", "avr-core webhook events received, by type", ["type"])
 ACTIVE_TURNS = Gauge("avr_llm_proxy_active_turns", "Turns in progress", multiprocess_mode="livesum")
 

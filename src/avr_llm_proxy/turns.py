@@ -20,6 +20,7 @@ import structlog
 
 from .avr import AvrRequestError, AvrTurn, frame, parse_turn
 from .calls import CallRecord, CallRegistry
+from .control import CallControl
 from .identity import UNKNOWN_CALLER, NumberFormat, parse_caller
 from .lookup import Lookup
 from .observability import (
@@ -89,6 +90,7 @@ class _Outcome:
     sentences: int = 0
     first_ms: float | None = None
     upstream_ms: float = 0.0
+    spoken_chars: int = 0  # of the answer's sentences: how long a call action waits for them to be said
     ended: bool = False
 
     async def say(self, frames: Sequence[bytes], last: bool = False) -> None:
@@ -102,6 +104,7 @@ class _Outcome:
             self.first_ms = round((time.perf_counter() - self.started) * 1000, 1)
             FIRST_SENTENCE.observe(self.first_ms / 1000)
         self.sentences += len(texts)
+        self.spoken_chars += sum(map(len, texts))
         await self.say([frame(text) for text in texts], last)
 
 
@@ -109,11 +112,12 @@ class Turns:
     """Answers avr-core's `/prompt-stream` requests."""
 
     def __init__(self, registry: CallRegistry, upstream: Upstream, policy: TurnPolicy,
-                 lookup: Lookup | None = None) -> None:
+                 lookup: Lookup | None = None, control: CallControl | None = None) -> None:
         self.registry = registry
         self.upstream = upstream
         self.policy = policy
         self.lookup = lookup
+        self.control = control
         self._fallback = [frame(sentence) for sentence in sentences(policy.fallback_message)]
         self._filler = [frame(sentence) for sentence in sentences(policy.filler_message)]
         self._flights: dict[str, _Flight] = {}
@@ -251,12 +255,14 @@ class Turns:
         filler = asyncio.create_task(self._say_filler(outcome)) if self.policy.filler_after_s > 0 else None
         try:
             texts = await self._listen(self.upstream.answer(request, info), flight, stream, outcome)
-            if not outcome.sentences and not texts:
+            if not outcome.sentences and not texts and info.action is None:
                 raise UpstreamError("empty_answer", info.status)
             outcome.upstream_ms = (time.perf_counter() - asked) * 1000
             verdict = True
             breaker.success()  # before the answer's end: whoever asks next sees the circuit as it is
             await outcome.answer(texts, last=True)
+            if info.action is not None and self.control is not None:
+                self.control.request(request.uuid, info.action, outcome.spoken_chars)
             outcome.status = str(info.status or "ok")
             UPSTREAM_LATENCY.labels(outcome="ok").observe(outcome.upstream_ms / 1000)
             TURNS.labels(outcome="answered").inc()

@@ -62,9 +62,11 @@ class UpstreamRequest:
 
 @dataclass(slots=True)
 class AnswerInfo:
-    """What a turn learns about its answer besides the text: the HTTP status, for the log line."""
+    """What a turn learns about its answer besides the text: the HTTP status, for the log line, and the
+    call action it asks for, if any (control.py judges it)."""
 
     status: int | None = None
+    action: object | None = None
 
 
 class Upstream(Protocol):
@@ -212,6 +214,7 @@ class HttpClient:
                     yield piece
             for piece in decoder.end():
                 yield piece
+            info.action = decoder.action
         except AnswerError as exc:
             raise UpstreamError(str(exc), response.status) from None
         finally:
