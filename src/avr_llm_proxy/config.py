@@ -22,7 +22,7 @@ from .speech import sentences
 
 _DIALABLE = re.compile(r"^\+?[0-9]{2,20}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_CONTEXT = re.compile(r"^[A-Za-z0-9_-]{1,79}$")
+_CONTEXT = re.compile(r"[A-Za-z0-9_-]{1,79}")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 DEFAULT_FALLBACK = "Disculpe, en este momento no puedo responder. Por favor, intente de nuevo en unos minutos."
 
@@ -252,7 +252,7 @@ class Settings(BaseSettings):
     @field_validator("transfer_context")
     @classmethod
     def _context(cls, value: str) -> str:
-        if not _CONTEXT.match(value):
+        if not _CONTEXT.fullmatch(value):
             raise ValueError("must be a dialplan context name: letters, digits, - and _ (at most 79)")
         return value
 

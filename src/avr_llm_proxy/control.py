@@ -33,7 +33,7 @@ MAX_REASON_CHARS = 128
 MAX_DELAY_S = 15.0
 PENDING, SENT = "pending", "sent"
 # What a channel name looks like (PJSIP/carrier-00000001, Local/s@avr-00000000;2): nothing AMI reads as syntax.
-_CHANNEL = re.compile(r"^[A-Za-z0-9][\w/@;:.+#*-]{0,127}$")
+_CHANNEL = re.compile(r"[A-Za-z0-9][\w/@;:.+#*-]{0,127}", re.ASCII)
 _EVENTS = {"transfer": "call_transferred", "hangup": "call_hung_up"}
 
 
@@ -72,7 +72,7 @@ def parse_action(raw: object, destinations: Destinations) -> CallAction:
     to = raw.get("to")
     if isinstance(to, int) and not isinstance(to, bool):
         to = str(to)
-    if not isinstance(to, str) or not EXTENSION.match(to):
+    if not isinstance(to, str) or not EXTENSION.fullmatch(to):
         raise ActionRefused("invalid_destination")
     if not destinations.allows(to):
         raise ActionRefused("destination_not_allowed")
@@ -134,7 +134,7 @@ class CallControl:
         mark = {"type": action.type, "to": action.to, "reason": action.reason, "outcome": PENDING, "at": time.time()}
 
         def claim(current: CallRecord) -> CallRecord | None:
-            if blocks(current.action) or not current.channel or not _CHANNEL.match(current.channel):
+            if blocks(current.action) or not current.channel or not _CHANNEL.fullmatch(current.channel):
                 return None
             return dataclasses.replace(current, action=mark)
 

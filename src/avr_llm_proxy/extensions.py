@@ -13,13 +13,13 @@ import re
 from dataclasses import dataclass
 
 MAX_EXTENSION_CHARS = 32
-EXTENSION = re.compile(rf"^[0-9A-Za-z*#+]{{1,{MAX_EXTENSION_CHARS}}}$")
-_PATTERN = re.compile(r"^_(?:[0-9A-Za-z*#+!.]|\[[0-9A-Za-z*#+-]+\])+$")
+EXTENSION = re.compile(rf"[0-9A-Za-z*#+]{{1,{MAX_EXTENSION_CHARS}}}")  # fullmatch only: `$` lets "\n" by
+_PATTERN = re.compile(r"_(?:[0-9A-Za-z*#+!.]|\[[0-9A-Za-z*#+-]+\])+")
 _LETTERS = {"x": "[0-9]", "z": "[1-9]", "n": "[2-9]", ".": ".+", "!": ".*"}
 
 
 def _regex(pattern: str) -> re.Pattern[str]:
-    """An Asterisk extension pattern (`_` already dropped) as an anchored regular expression."""
+    """An Asterisk extension pattern (`_` already dropped) as a regular expression, for `fullmatch`."""
     parts = re.findall(r"\[[^\]]+\]|.", pattern)
     out = []
     for part in parts:
@@ -27,7 +27,7 @@ def _regex(pattern: str) -> re.Pattern[str]:
             out.append("[" + "".join("-" if ch == "-" else re.escape(ch) for ch in part[1:-1]) + "]")
         else:
             out.append(_LETTERS.get(part.lower(), re.escape(part)))
-    return re.compile("^" + "".join(out) + "$")
+    return re.compile("".join(out))
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +41,8 @@ class Destinations:
         return bool(self.exact or self.patterns)
 
     def allows(self, extension: str) -> bool:
-        return bool(EXTENSION.match(extension)) and (
-            extension in self.exact or any(pattern.match(extension) for pattern in self.patterns))
+        return bool(EXTENSION.fullmatch(extension)) and (
+            extension in self.exact or any(pattern.fullmatch(extension) for pattern in self.patterns))
 
 
 def parse_destinations(text: str) -> Destinations:
@@ -52,9 +52,9 @@ def parse_destinations(text: str) -> Destinations:
     for entry in (part.strip() for part in text.split(",")):
         if not entry:
             continue
-        if EXTENSION.match(entry):
+        if EXTENSION.fullmatch(entry):
             exact.add(entry)
-        elif _PATTERN.match(entry):
+        elif _PATTERN.fullmatch(entry):
             try:
                 patterns.append(_regex(entry[1:]))
             except re.error:  # a backwards range such as [9-0]
