@@ -4,7 +4,8 @@ Asterisk connects (`Dial(AudioSocket/host:port/<uuid>)` or `AudioSocket(<uuid>,h
 UUID frame (kind 0x01, 16 bytes) and then 20 ms audio frames (kind 0x10). Like avr-core, this server
 has nothing to say before the caller has spoken: it waits for `speech_frames` of audio, then posts
 avr-core's `/prompt-stream` bodies (the growing history) for that UUID, one per utterance, and hangs
-up (kind 0x00) when the last answer is heard.
+up (kind 0x00) when the last answer is heard, or `linger` seconds later unless Asterisk ends the
+call first (`closed_by_asterisk`: a transfer or a hang-up took the caller away).
 """
 
 from __future__ import annotations
@@ -29,15 +30,18 @@ class AudioSocketCall:
     audio_frames: int = 0
     turns: list[HeardTurn] = field(default_factory=list)
     error: str | None = None
+    closed_by_asterisk: bool = False
+    ended: bool = False
 
 
 class AvrCore:
     """The AudioSocket server; `calls` fills in as Asterisk connects, `done` counts finished calls."""
 
-    def __init__(self, proxy_url: str, port: int, speech_frames: int = 25) -> None:
+    def __init__(self, proxy_url: str, port: int, speech_frames: int = 25, linger: float = 0.0) -> None:
         self.proxy_url = proxy_url
         self.port = port
         self.speech_frames = speech_frames
+        self.linger = linger
         self.calls: dict[str, AudioSocketCall] = {}
         self.finished = asyncio.Condition()
         self._server: asyncio.Server | None = None
@@ -74,13 +78,20 @@ class AvrCore:
             # Asterisk keeps sending audio while the turns run: read it, as avr-core streams it to ASR.
             drain = asyncio.create_task(_drain(reader))
             call.turns = await play_call(self.proxy_url, call.uuid, list(UTTERANCES))
+            if self.linger:
+                await asyncio.wait({drain}, timeout=self.linger)
+            call.closed_by_asterisk = drain.done()
             drain.cancel()
+            if call.closed_by_asterisk:
+                return
             writer.write(struct.pack(">BH", KIND_HANGUP, 0))
             await writer.drain()
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
             if call is not None:
                 call.error = f"{type(exc).__name__}: {exc}"
         finally:
+            if call is not None:
+                call.ended = True
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()

@@ -121,8 +121,10 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def stack(pbx: Pbx, tmp_path: Path, ami: bool = False, **settings: Any) -> AsyncIterator[Stack]:
-    """The proxy on the address the dialplans name, with FastAGI, the legacy folder and, with `ami`, AMI."""
+async def stack(pbx: Pbx, tmp_path: Path, ami: bool = False, linger: float = 0.0,
+                **settings: Any) -> AsyncIterator[Stack]:
+    """The proxy on the address the dialplans name, with FastAGI, the legacy folder and, with `ami`, AMI;
+    avr-core's stand-in keeps each call `linger` seconds after its last turn."""
     address = pbx.proxy_address
     values: dict[str, Any] = {
         "host": address, "port": HTTP_PORT, "agi_listen": f"{address}:{AGI_PORT}",
@@ -134,7 +136,7 @@ async def stack(pbx: Pbx, tmp_path: Path, ami: bool = False, **settings: Any) ->
     async with running_api() as api:
         values.setdefault("api_url", api.url)
         async with running_proxy(make_settings(tmp_path, **values), bind=(address, HTTP_PORT)) as proxy:
-            avr = AvrCore(proxy.url, port=pbx.audiosocket_port)
+            avr = AvrCore(proxy.url, port=pbx.audiosocket_port, linger=linger)
             await avr.start()
             try:
                 async with manager(pbx.asterisk.ports.ami, AMI_USER, AMI_SECRET) as client:

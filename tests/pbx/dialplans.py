@@ -19,7 +19,7 @@ ARGUMENTS = ("usage", "none")
 PRESENTATIONS = ("plain", "before", "after")
 # The argument each subroutine's usage line shows (dialplan/*.conf); AMI's takes none.
 USAGE = {"agi": "avr-llm-proxy:4573", "curl": "avr-llm-proxy:6017", "legacy": "/tmp", "ami": ""}
-INCLUDES = tuple(f"avr-callerid-{way}.conf" for way in WAYS)
+INCLUDES = (*(f"avr-callerid-{way}.conf" for way in WAYS), "avr-transfer.conf")
 WITHHOLD = "Set(CALLERID(num-pres)=prohib)"
 FREEPBX_VARIABLE = "AS_UUID"
 

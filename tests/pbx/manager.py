@@ -24,6 +24,7 @@ class Manager:
         self._responses: dict[str, asyncio.Future[AmiMessage]] = {}
         self.var_sets: list[tuple[str, str, str]] = []
         self.extens: dict[str, str] = {}  # channel -> the extension it was created for (Newchannel)
+        self.events: list[AmiMessage] = []  # every event, in order
         self._task = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -33,6 +34,8 @@ class Manager:
                 waiter = self._responses.pop(message.value("actionid"), None)
                 if "response" in message and waiter is not None and not waiter.done():
                     waiter.set_result(message)
+                if "event" in message:
+                    self.events.append(message)
                 if message.value("event") == "Newchannel":
                     self.extens[message.value("channel")] = message.value("exten")
                 if message.value("event") == "VarSet":

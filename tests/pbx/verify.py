@@ -6,6 +6,8 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from avr_llm_proxy.app import keys_for
 from avr_llm_proxy.calls import CallRegistry
 from avr_llm_proxy.privacy import mask_number
@@ -88,6 +90,10 @@ async def check(stack_: Stack, calls: list[Placed], uuids: dict[str, str], logs:
     shown = {call.expected.number for call in calls if call.expected.presentation == "allowed"}
     # The records as stored are readable here: an allowed caller's number is in them.
     assert all(any(number.encode() in record for record in records) for number in shown)
+    # Every way records the caller's channel, which call control acts on (a Local or a PJSIP channel).
+    channels = {orjson.loads(record)["uuid"]: orjson.loads(record).get("channel") for record in records}
+    unplaced = {call.exten: channels.get(uuids.get(call.exten, "")) for call in calls}
+    assert all(str(channel).startswith(("Local/", "PJSIP/")) for channel in unplaced.values()), unplaced
     files = [path.read_bytes() for path in stack_.pbx.callerid_dir.glob("callerid-*.txt")
              if path.name[len("callerid-"):-len(".txt")] in uuids.values()]
     for number in {call.expected.hidden for call in calls} - {None}:

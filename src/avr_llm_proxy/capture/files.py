@@ -25,8 +25,9 @@ log = structlog.get_logger("avr_llm_proxy.capture.files")
 MAX_FILE_BYTES = 4096
 PREFIX, SUFFIX = "callerid-", ".txt"
 # What dialplan/avr-callerid-legacy.conf writes after the number: presentation, name, dialled number,
-# and what the network asserted (the headers holding `verstat=`, STIR/SHAKEN attestation and result).
-FIELDS = ("pres", "name", "dnid", "verstat", "attest", "verify")
+# the channel (for call control), and what the network asserted (the headers holding `verstat=`,
+# STIR/SHAKEN attestation and result).
+FIELDS = ("pres", "name", "dnid", "channel", "verstat", "attest", "verify")
 
 
 def _contents(data: bytes) -> tuple[str, dict[str, str]]:
@@ -90,6 +91,7 @@ class LegacyCallerFiles:
         log.info("caller_file_read", uuid=uuid, caller_number=caller.log_number, presentation=caller.presentation)
         return CallRecord(uuid=path.name[len(PREFIX):-len(SUFFIX)], caller=caller,
                           called_number=dialled_number(fields.get("dnid")),
+                          channel=fields.get("channel", "")[:128] or None,  # control.py checks it before use
                           trust=parse_trust(fields.get("verstat"), fields.get("attest"), fields.get("verify")))
 
     def erase_number(self, number: str) -> int:
