@@ -212,6 +212,7 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
                 "last_status": activity.last_status,
                 "last_latency_ms": round(activity.last_latency_ms, 1),
                 "last_turn_at": activity.last_turn_at,
+                "action": activity.action or None,
             })
         return JSONResponse({"upstream": {"name": upstream.name, "circuit": upstream.breaker.describe()},
                              "calls": calls})

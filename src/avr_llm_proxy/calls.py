@@ -131,6 +131,7 @@ class CallActivity:
     last_status: str = ""
     last_latency_ms: float = 0.0
     last_turn_at: float = 0.0
+    action: str = ""  # the call action this process carried out or refused (control.describe)
 
 
 class RecentCalls:
@@ -148,6 +149,11 @@ class RecentCalls:
         activity.last_latency_ms = latency_ms
         activity.last_turn_at = time.time()
         self._keep(activity)
+
+    def note_action(self, uuid: str, summary: str) -> None:
+        activity = self._calls.get(uuid)
+        if activity is not None:
+            activity.action = summary
 
     def first_wait(self, uuid: str) -> bool:
         """True for the first turn of a call to wait for its caller here (later ones do not wait again)."""

@@ -239,6 +239,7 @@ def calls(args: argparse.Namespace) -> int:
     import datetime
 
     from .app import keys_for
+    from .control import describe
     from .privacy import number_redactor
 
     settings = _settings()
@@ -254,13 +255,13 @@ def calls(args: argparse.Namespace) -> int:
         return datetime.datetime.fromtimestamp(stamp).strftime("%H:%M:%S") if stamp else "-"
 
     print(f"{'uuid':<36}  {'captured':<8}  {'caller':<16}  {'presentation':<11}  {'source':<8}  "
-          f"{'called':<12}  {'started':<8}  {'ended':<8}  turns")
+          f"{'called':<12}  {'started':<8}  {'ended':<8}  {'turns':>5}  action")
     for record, turns in records:
         caller = record.caller
         number = redact(caller.log_number) if caller.loggable_number else caller.log_number
         print(f"{record.uuid:<36}  {when(record.captured_at):<8}  {number:<16}  {caller.presentation:<11}  "
               f"{caller.source:<8}  {record.called_number or '-':<12}  {when(record.started_at):<8}  "
-              f"{when(record.ended_at):<8}  {turns}")
+              f"{when(record.ended_at):<8}  {turns:>5}  {describe(record.action)}")
     return 0
 
 

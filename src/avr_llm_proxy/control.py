@@ -84,6 +84,14 @@ def speaking_time(chars: int, chars_per_second: float) -> float:
     return min(MAX_DELAY_S, chars / chars_per_second + 0.5)
 
 
+def describe(action: dict[str, Any] | None) -> str:
+    """A recorded action in a few words, for `avr-llm-proxy calls` and /debug: `transfer 1001: sent`."""
+    if not action:
+        return "-"
+    to = f" {action['to']}" if action.get("to") else ""
+    return f"{action.get('type')}{to}: {action.get('outcome')}"
+
+
 def blocks(action: dict[str, Any] | None) -> bool:
     """A call's recorded action that leaves no room for another: one waiting to run, or one carried out."""
     return action is not None and action.get("outcome") in (PENDING, SENT)
@@ -182,6 +190,7 @@ class CallControl:
                 return None
             return dataclasses.replace(current, action=entry)
 
+        self.registry.recent.note_action(uuid, describe(entry))
         try:
             record = await self.registry.change(uuid, noted)
         except StoreError as exc:

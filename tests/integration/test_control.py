@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from aiohttp import web
 
 from avr_llm_proxy.simulate import http_request, play_call
 
-from ..conftest import FakeApi, make_settings, running_api, running_proxy, wait_for
+from ..conftest import FakeApi, clean_environ, make_settings, running_api, running_proxy, wait_for
 
 CHANNEL = "PJSIP/carrier-00000007"
 NUMBER = "+593987654321"
@@ -108,6 +110,8 @@ async def test_transfer_sends_the_exact_actions_after_the_message(tmp_path: Path
             await wait_for(lambda: bool(lines(logs, "action_sent")))
             metrics = b"".join((await http_request(f"{proxy.url}/metrics", b"", method="GET")).chunks).decode()
             await wait_for(lambda: any(e["type"] == "call_transferred" for e in events.received))
+            debug = orjson.loads(b"".join((await http_request(f"{proxy.url}/debug", b"", method="GET")).chunks))
+    assert debug["calls"][0]["uuid"] == call and debug["calls"][0]["action"] == "transfer 1001: sent"
     login = next(actions[0] for actions in manager.connections if b"Events: off" in actions[0])
     assert login == b"Action: Login\r\nActionID: act-1\r\nUsername: proxy\r\nSecret: secret\r\nEvents: off\r\n\r\n"
     assert manager.control_actions() == [
@@ -117,6 +121,11 @@ async def test_transfer_sends_the_exact_actions_after_the_message(tmp_path: Path
         f"Action: Redirect\r\nActionID: act-5\r\nChannel: {CHANNEL}\r\nContext: avr-transfer\r\nExten: 1001\r\n"
         "Priority: 1\r\n\r\n".encode(),
     ]
+    listing = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "avr_llm_proxy", "calls"],
+                                      env=clean_environ(STORE_URL=settings.store_url), capture_output=True,
+                                      text=True, timeout=60, cwd=tmp_path)
+    row = next(line for line in listing.stdout.splitlines() if line.startswith(call))
+    assert row.endswith("transfer 1001: sent"), listing.stdout + listing.stderr
     sent = lines(logs, "action_sent")[0]
     assert (sent["uuid"], sent["type"], sent["to"], sent["outcome"]) == (call, "transfer", "1001", "sent")
     assert 'avr_llm_proxy_actions_total{outcome="sent",type="transfer"} 1.0' in metrics
