@@ -13,6 +13,7 @@ from avr_llm_proxy.answers import AnswerDecoder, AnswerError
 from avr_llm_proxy.config import SettingsError, load_settings
 from avr_llm_proxy.control import ActionRefused, CallAction, parse_action, speaking_time
 from avr_llm_proxy.extensions import parse_destinations
+from avr_llm_proxy.openai_chat import action_from_tools
 
 ALLOW = parse_destinations("1001, 1002,_2XXX,_9[1-3]Z,_5N!,_7.,sales")
 
@@ -98,3 +99,29 @@ def test_answer_without_message_or_action_is_still_an_error() -> None:
     decoder.feed(b'{"other": 1}')
     with pytest.raises(AnswerError, match="no_message_in_json"):
         decoder.end()
+
+
+@pytest.mark.parametrize(("calls", "action"), [
+    ((("transfer_call", '{"to": "1001", "reason": "ventas"}'),),
+     {"type": "transfer", "to": "1001", "reason": "ventas"}),
+    ((("lookup_order", "{}"), ("end_call", "")), {"type": "hangup", "reason": None}),
+    ((("transfer_call", '{"to": "10'),), {"type": "transfer", "to": None}),
+    ((("transfer_call", "[1001]"),), {"type": "transfer", "to": None}),
+    ((("lookup_order", "{}"),), None),
+    ((), None),
+])
+def test_tool_calls_become_actions(calls: tuple[tuple[str, str], ...], action: dict[str, Any] | None) -> None:
+    """The first call-control tool call is the action; broken arguments give one control.py refuses."""
+    assert action_from_tools(calls) == action
+    if action is not None and action["type"] == "transfer" and action["to"] is None:
+        with pytest.raises(ActionRefused, match="invalid_destination"):
+            parse_action(action, ALLOW)
+
+
+def test_tool_call_pieces_are_put_together() -> None:
+    decoder = AnswerDecoder("text/event-stream")
+    for piece in ('{"index": 0, "function": {"name": "transfer_", "arguments": "{\\"to\\""}}',
+                  '{"index": 0, "function": {"name": "call", "arguments": ": \\"1001\\"}"}}',
+                  '{"index": 1, "function": {"name": "end_call"}}', '{"index": "x", "function": {}}', '"junk"'):
+        decoder.feed(b'data: {"choices": [{"delta": {"tool_calls": [' + piece.encode() + b']}}]}\n\n')
+    assert decoder.tool_calls == {0: ["transfer_call", '{"to": "1001"}'], 1: ["end_call", ""]}

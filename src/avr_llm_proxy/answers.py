@@ -4,7 +4,8 @@ Sans-I/O: `AnswerDecoder` is fed body bytes and returns the text pieces they com
 are ARCHITECTURE.md's: `{"message": …}` (also `text`, `content`, `response`, `answer`, `reply`,
 OpenAI-style `choices[0].message.content` or `choices[0].delta.content`), plain text, NDJSON lines,
 SSE `data:` fields (comments, keep-alives and `[DONE]` ignored), or a chunked `text/plain` body.
-A JSON answer, line or event may also hold an `action` (call control); the first one is kept.
+A JSON answer, line or event may also hold an `action` (call control); the first one is kept, and
+so are an OpenAI-style answer's `tool_calls`, put together from their streamed pieces.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import orjson
 
 _REPLY_KEYS = ("message", "text", "content", "response", "answer", "reply")
 MAX_LINE_BYTES = 64 * 1024
+MAX_TOOL_CALLS, MAX_TOOL_CALL_CHARS = 4, 4096
 
 
 class AnswerError(ValueError):
@@ -81,6 +83,7 @@ class AnswerDecoder:
                 self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._whole: list[bytes] = []
         self.action: object | None = None  # the answer's first `action`, for control.py to judge
+        self.tool_calls: dict[int, list[str]] = {}  # index -> [function name, arguments JSON so far]
         self._line = ""
         self._event: list[str] = []
 
@@ -155,9 +158,31 @@ class AnswerDecoder:
         return self._piece(data) if data else []
 
     def _noted(self, data: object) -> object:
-        if self.action is None and isinstance(data, dict) and data.get("action") is not None:
+        if not isinstance(data, dict):
+            return data
+        if self.action is None and data.get("action") is not None:
             self.action = data["action"]
+        choices = data.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            for key in ("delta", "message"):
+                part = choices[0].get(key)
+                if isinstance(part, dict) and isinstance(part.get("tool_calls"), list):
+                    self._tool_pieces(part["tool_calls"])
         return data
+
+    def _tool_pieces(self, pieces: list[object]) -> None:
+        """Add streamed tool-call pieces (`{"index", "function": {"name", "arguments"}}`) to the calls so far."""
+        for position, piece in enumerate(pieces):
+            if not isinstance(piece, dict) or not isinstance(piece.get("function"), dict):
+                continue
+            index = piece.get("index", position)
+            if not isinstance(index, int) or (index not in self.tool_calls and len(self.tool_calls) >= MAX_TOOL_CALLS):
+                continue
+            call = self.tool_calls.setdefault(index, ["", ""])
+            for slot, field in enumerate(("name", "arguments")):
+                value = piece["function"].get(field)
+                if isinstance(value, str) and len(call[slot]) + len(value) <= MAX_TOOL_CALL_CHARS:
+                    call[slot] += value
 
     def _piece(self, data: str) -> list[str]:
         if data.strip() == "[DONE]":

@@ -31,7 +31,7 @@ from .lifecycle import Lifecycle
 from .lookup import Lookup
 from .manager import ManagerClient, parse_ami_url
 from .observability import metrics_text
-from .openai_chat import ChatUpstream
+from .openai_chat import ChatUpstream, tools
 from .privacy import Keys, number_redactor, resolve_keys
 from .stores import open_store
 from .turns import Speak, TurnPolicy, Turns
@@ -52,7 +52,8 @@ def choose_upstream(settings: Settings) -> Upstream:
     if settings.upstream == "openai":
         breaker = CircuitBreaker("openai", settings.breaker_failures, settings.breaker_cooldown_ms / 1000)
         return ChatUpstream(settings.openai_base_url, settings.openai_api_key, settings.openai_model,
-                            settings.system_prompt, deadlines, breaker)
+                            settings.system_prompt, deadlines, breaker,
+                            tools(settings.transfer_allow) if settings.call_control == "on" else None)
     if settings.api_url:
         breaker = CircuitBreaker("api", settings.breaker_failures, settings.breaker_cooldown_ms / 1000)
         return HttpUpstream(settings.api_url, deadlines, breaker, settings.api_token, settings.api_signing_secret)

@@ -67,6 +67,7 @@ class AnswerInfo:
 
     status: int | None = None
     action: object | None = None
+    tool_calls: tuple[tuple[str, str], ...] = ()  # (function name, arguments JSON), OpenAI-style answers
 
 
 class Upstream(Protocol):
@@ -215,6 +216,7 @@ class HttpClient:
             for piece in decoder.end():
                 yield piece
             info.action = decoder.action
+            info.tool_calls = tuple((name, arguments) for name, arguments in decoder.tool_calls.values())
         except AnswerError as exc:
             raise UpstreamError(str(exc), response.status) from None
         finally:

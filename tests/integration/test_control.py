@@ -20,6 +20,7 @@ from aiohttp import web
 from avr_llm_proxy.simulate import http_request, play_call
 
 from ..conftest import FakeApi, clean_environ, make_settings, running_api, running_proxy, wait_for
+from .test_upstream_conditions import streamed
 
 CHANNEL = "PJSIP/carrier-00000007"
 NUMBER = "+593987654321"
@@ -252,3 +253,45 @@ async def test_no_channel_and_no_ami(tmp_path: Path, logs) -> None:  # type: ign
         (first, "no_channel"), (second, "no_ami_url")]
     assert len(lines(logs, "call_control_off")) == 1
     assert manager.control_actions() == []
+
+
+TOOL_STREAM = [
+    b'data: {"choices":[{"delta":{"role":"assistant","content":"Le paso con ventas."}}]}\n\n',
+    b'data: {"choices":[{"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function",'
+    b'"function":{"name":"transfer_call","arguments":""}}]}}]}\n\n',
+    b'data: {"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\\"to\\": \\"10"}}]}}]}\n\n',
+    b'data: {"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"01\\", \\"reason\\": '
+    b'\\"ventas\\"}"}}]}}]}\n\n',
+    b'data: {"choices":[{"delta":{},"finish_reason":"tool_calls"}]}\n\n',
+    b"data: [DONE]\n\n",
+]
+
+
+@pytest.mark.parametrize("control", ["on", "off"])
+async def test_openai_tools(tmp_path: Path, control: str) -> None:
+    """CALL_CONTROL=on offers transfer_call and end_call; a streamed tool call, its arguments in pieces,
+    becomes the transfer, and the text before it is spoken. Off: no tools offered, none acted on."""
+    async def chat(request: web.Request, _: dict[str, Any]) -> web.StreamResponse:
+        return await streamed(request, [(0.0, chunk) for chunk in TOOL_STREAM], "text/event-stream")
+
+    call = str(uuidlib.uuid4())
+    async with fake_manager(FakeManager()) as manager, running_api() as api:
+        api.custom = chat
+        settings = settings_for(tmp_path, api, manager, upstream="openai", call_control=control,
+                                openai_base_url=api.url.split("/api/")[0] + "/v1")
+        async with running_proxy(settings) as proxy:
+            await capture(proxy.url, call)
+            heard = await play_call(proxy.url, call, ["con ventas por favor"])
+            if control == "on":
+                await wait_for(lambda: len(manager.control_actions()) == 4)
+            else:
+                await asyncio.sleep(0.5)
+    assert heard[0].sentences == ["Le paso con ventas."]
+    offered = api.received[0].get("tools")
+    if control == "off":
+        assert offered is None and manager.control_actions() == []
+        return
+    assert [tool["function"]["name"] for tool in offered] == ["transfer_call", "end_call"]
+    assert "extensions and patterns: 1001,_2XXX." in offered[0]["function"]["description"]
+    sent = b"".join(manager.control_actions())
+    assert b"Variable: AVR_TRANSFER_REASON\r\nValue: ventas\r\n" in sent and b"Exten: 1001\r\n" in sent
