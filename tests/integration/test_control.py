@@ -149,6 +149,21 @@ async def test_hangup_from_a_streamed_answer(tmp_path: Path) -> None:
     assert manager.control_actions() == [f"Action: Hangup\r\nActionID: act-2\r\nChannel: {CHANNEL}\r\n\r\n".encode()]
 
 
+async def test_action_alone_is_carried_out_in_silence(tmp_path: Path, logs) -> None:  # type: ignore[no-untyped-def]
+    """An answer that is only an action: nothing is said (no fallback apology), the call is hung up, and
+    EVENTS_URL hears call_hung_up."""
+    call = str(uuidlib.uuid4())
+    async with fake_manager(FakeManager()) as manager, running_api() as api, running_api() as events:
+        api.custom = answering({"action": {"type": "hangup", "reason": "silence"}})
+        async with running_proxy(settings_for(tmp_path, api, manager, events_url=events.url)) as proxy:
+            await capture(proxy.url, call)
+            heard = await play_call(proxy.url, call, ["..."])
+            await wait_for(lambda: any(e["type"] == "call_hung_up" for e in events.received))
+    assert heard[0].sentences == [] and not heard[0].problems
+    assert manager.control_actions() == [f"Action: Hangup\r\nActionID: act-2\r\nChannel: {CHANNEL}\r\n\r\n".encode()]
+    assert not lines(logs, "upstream_failed")
+
+
 async def test_withheld_caller_number_is_never_set(tmp_path: Path) -> None:
     """AVR_CALLER_NUMBER is empty for a withheld caller: the number never reaches the channel's variables."""
     call = str(uuidlib.uuid4())
