@@ -10,6 +10,7 @@ import uuid as uuidlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import orjson
 import pytest
@@ -391,8 +392,20 @@ def _actions(data: bytes) -> list[dict[str, str]]:
     return actions
 
 
+class Served(Protocol):
+    """A fake peer: `handle` serves one connection; `port` is where it listens once started."""
+
+    port: int
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None: ...
+
+
+ServedT = TypeVar("ServedT", bound=Served)
+
+
 @contextlib.asynccontextmanager
-async def fake_manager(manager: FakeManager) -> AsyncIterator[FakeManager]:
+async def fake_manager(manager: ServedT) -> AsyncIterator[ServedT]:
+    """Serve `manager` on a loopback port of its own for the block."""
     server = await asyncio.start_server(manager.handle, "127.0.0.1", 0)
     manager.port = server.sockets[0].getsockname()[1]
     async with server:

@@ -8,7 +8,7 @@ import contextlib
 import subprocess
 import sys
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from aiohttp import web
 
 from avr_llm_proxy.simulate import http_request, play_call
 
+from ..capture.test_ami import fake_manager
 from ..conftest import FakeApi, clean_environ, make_settings, running_api, running_proxy, wait_for
 from .test_upstream_conditions import streamed
 
@@ -56,14 +57,6 @@ class FakeManager:
         """The actions sent on the call-control connection (the one that logs in with events off)."""
         return [action for actions in self.connections if actions and b"Events: off" in actions[0]
                 for action in actions[1:]]
-
-
-@contextlib.asynccontextmanager
-async def fake_manager(manager: FakeManager) -> AsyncIterator[FakeManager]:
-    server = await asyncio.start_server(manager.handle, "127.0.0.1", 0)
-    manager.port = server.sockets[0].getsockname()[1]
-    async with server:
-        yield manager
 
 
 def answering(body: dict[str, Any]) -> Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]:
