@@ -11,9 +11,10 @@ from urllib.parse import quote
 import orjson
 import pytest
 
+from avr_llm_proxy.capture.agi import STIR_ASKED
 from avr_llm_proxy.simulate import http_request, play_call
 
-from ..capture.test_agi import HEADERS, PJSIP, STIR_COUNT, STIR_RESULT, agi_session, with_script
+from ..capture.test_agi import ATTESTATION, IDENTITY, PAI, PJSIP, STIR_COUNT, VERIFY, agi_session, with_script
 from ..conftest import closed_port, make_settings, running_api, running_proxy
 
 PASSED_PAI = '"Juan" <sip:+593987654321;verstat=TN-Validation-Passed@carrier.example;user=phone>'
@@ -52,16 +53,23 @@ async def test_call_capture_carries_the_assertion(tmp_path: Path, way: str, fiel
     assert trust_seen(api.received, call) == [expected, expected]
 
 
-@pytest.mark.parametrize(("variables", "expected"), [
-    ({HEADERS: PASSED_PAI + " <sip:+593987654321@carrier.example>"}, ("TN-Validation-Passed", None, True)),
-    ({STIR_COUNT: "1", STIR_RESULT: "A|success"}, (None, "A", True)),
-    ({STIR_COUNT: "1", STIR_RESULT: "A|signature_validation"}, (None, "A", False)),
-    ({STIR_COUNT: "0"}, (None, None, None)),
-], ids=["pai_verstat", "stir_passed", "stir_failed", "nothing"])
+SIGNED = {STIR_COUNT: "1", IDENTITY: "eyJhbGciOiJFUzI1NiJ9.e30.c2ln;info=<https://cert.example/a.pem>"}
+
+
+@pytest.mark.parametrize(("variables", "expected", "asked"), [
+    ({PAI: PASSED_PAI}, ("TN-Validation-Passed", None, True), 1),
+    ({**SIGNED, ATTESTATION: "A", VERIFY: "success"}, (None, "A", True), 3),
+    ({**SIGNED, ATTESTATION: "B", VERIFY: "success"}, (None, "B", None), 3),
+    # A failed verification: no attestation, and verify_result is never read (it can crash Asterisk 22.10).
+    ({**SIGNED, ATTESTATION: "", VERIFY: "would crash"}, (None, None, False), 2),
+    # A verify profile records a result for every call; without an Identity header nothing was asserted.
+    ({STIR_COUNT: "1", ATTESTATION: "", VERIFY: "missing_identity_hdr"}, (None, None, None), 1),
+    ({STIR_COUNT: "0"}, (None, None, None), 1),
+], ids=["pai_verstat", "stir_passed", "stir_b", "stir_failed", "no_identity", "nothing"])
 async def test_fastagi_reads_the_assertion_from_the_channel(tmp_path: Path, variables: dict[str, str],
-                                                            expected: tuple[Any, Any, Any]) -> None:
-    """FastAGI asks a PJSIP channel for its P-Asserted-Identity and From headers and every channel for its
-    STIR/SHAKEN result, and the turns carry what they say."""
+                                                            expected: tuple[Any, Any, Any], asked: int) -> None:
+    """FastAGI asks a PJSIP channel for its headers and STIR/SHAKEN count, then, only with an Identity
+    header, its attestation, and only with an attestation, its verify_result; the turns carry the verdict."""
     port = closed_port()
     async with running_api() as api:
         settings = make_settings(tmp_path, api_url=api.url, agi_listen=f"127.0.0.1:{port}")
@@ -69,5 +77,5 @@ async def test_fastagi_reads_the_assertion_from_the_channel(tmp_path: Path, vari
             commands = await agi_session(port, with_script(PJSIP), variables=variables)
             call = commands[-1].split('"')[1]
             await play_call(proxy.url, call, ["hola"])
-    assert (f"GET FULL VARIABLE {STIR_RESULT}" in commands) == (variables.get(STIR_COUNT) == "1")
+    assert [c for c in commands if "STIR" in c] == [f"GET FULL VARIABLE {e}" for e in STIR_ASKED[:asked]]
     assert trust_seen(api.received, call) == [expected]

@@ -18,7 +18,7 @@ import structlog
 
 from ..avr import canonical_uuid
 from ..calls import CallRecord, CallRegistry
-from ..identity import CallerTrust, dialled_number, parse_caller, parse_presentation, parse_trust, strictest
+from ..identity import NO_TRUST, CallerTrust, dialled_number, parse_caller, parse_presentation, parse_trust, strictest
 from ..observability import AGI_SESSIONS, LogThrottle
 from ..stores import StoreError
 
@@ -154,6 +154,20 @@ def quote_agi(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+# What FastAGI asks a PJSIP channel about its caller's number, one `GET FULL VARIABLE` each (no spaces:
+# res_agi splits there). First the headers, the STIR/SHAKEN result count and the Identity header's
+# length; with an Identity header, its attestation; and only with an attestation, its verify_result.
+# Asterisk 22.10 dies reading verify_result after an x5u that failed its URL checks (a code with no
+# name: a NULL string is copied), and any caller can send one; a failed verification leaves the
+# attestation empty, so it is known as `failed` without asking.
+STIR_ASKED = (
+    "${PJSIP_HEADER(read,P-Asserted-Identity)}|${PJSIP_HEADER(read,From)}|${STIR_SHAKEN(count)}"
+    "|${LEN(${PJSIP_HEADER(read,Identity)})}",
+    "${STIR_SHAKEN(0,attestation)}",
+    "${STIR_SHAKEN(0,verify_result)}",
+)
+
+
 class _Session:
     """One FastAGI connection: read the environment, record the caller, answer `SET VARIABLE UUID`."""
 
@@ -195,20 +209,25 @@ class _Session:
         return (reply.value or "") if reply.code == 200 and reply.result == 1 else ""
 
     async def trust(self, env: AgiEnvironment) -> CallerTrust | None:
-        """What the network asserted about the number: the carrier's verstat in P-Asserted-Identity or
-        From (PJSIP channels only), Asterisk's STIR/SHAKEN verification; None on hang-up."""
-        headers: str | None = ""
-        if env.get("agi_channel").startswith("PJSIP/"):
-            headers = await self.value("${PJSIP_HEADER(read,P-Asserted-Identity)}|${PJSIP_HEADER(read,From)}")
-        count = await self.value("${STIR_SHAKEN(count)}") if headers is not None else None
-        if headers is None or count is None:
+        """What the network asserted about the number, on a PJSIP channel (the only kind that carries it):
+        the carrier's verstat in P-Asserted-Identity or From, and Asterisk's STIR/SHAKEN verification of
+        an Identity header, asked in the order STIR_ASKED explains; None on hang-up."""
+        if not env.get("agi_channel").startswith("PJSIP/"):
+            return NO_TRUST
+        asked = await self.value(STIR_ASKED[0])
+        if asked is None:
             return None
-        verification: str | None = ""
-        if count.strip().isdigit() and int(count) > 0:
-            verification = await self.value("${STIR_SHAKEN(0,attestation)}|${STIR_SHAKEN(0,verify_result)}")
-        if verification is None:
+        headers, count, identity = (asked.rsplit("|", 2) + ["", ""])[:3]
+        attestation: str | None = ""
+        result: str | None = ""
+        if count.strip().isdigit() and int(count) > 0 and identity.strip() not in ("", "0"):
+            attestation = await self.value(STIR_ASKED[1])
+            if attestation == "":
+                result = "failed"
+            elif attestation is not None:
+                result = await self.value(STIR_ASKED[2])
+        if attestation is None or result is None:
             return None
-        attestation, _, result = verification.partition("|")
         return parse_trust(headers, attestation, result)
 
     async def run(self) -> str:

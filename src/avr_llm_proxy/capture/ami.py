@@ -297,14 +297,19 @@ class AmiListener:
 
     async def _trust(self, channel: str, writer: asyncio.StreamWriter) -> CallerTrust:
         """What the network asserted, read off a PJSIP channel: its P-Asserted-Identity and From headers
-        and Asterisk's STIR/SHAKEN verification. Whatever the manager cannot say counts as not asserted."""
+        and Asterisk's STIR/SHAKEN verification of an Identity header, in the order capture/agi.py's
+        STIR_ASKED explains. Whatever the manager cannot say counts as not asserted."""
         headers = [await self._getvar(channel, f"PJSIP_HEADER(read,{name})", writer)
                    for name in ("P-Asserted-Identity", "From")]
         count = await self._getvar(channel, "STIR_SHAKEN(count)", writer) or ""
         attestation = result = None
-        if count.strip().isdigit() and int(count) > 0:
+        if count.strip().isdigit() and int(count) > 0 and await self._getvar(
+                channel, "PJSIP_HEADER(read,Identity)", writer):
             attestation = await self._getvar(channel, "STIR_SHAKEN(0,attestation)", writer)
-            result = await self._getvar(channel, "STIR_SHAKEN(0,verify_result)", writer)
+            if attestation:
+                result = await self._getvar(channel, "STIR_SHAKEN(0,verify_result)", writer)
+            elif attestation == "":
+                result = "failed"
         return parse_trust([header for header in headers if header], attestation, result)
 
     async def _getvar(self, channel: str, variable: str, writer: asyncio.StreamWriter) -> str | None:
