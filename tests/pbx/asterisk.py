@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.machine import CACHE, apt_install, cache_lock, which
+from tests.pbx.stir import stir_shaken_conf
 
 SUITE = "sid"
 PACKAGES = ("asterisk", "asterisk-modules", "uuid-runtime")
@@ -33,7 +34,7 @@ MODULES = (
     "chan_pjsip", "codec_alaw", "codec_ulaw", "bridge_simple", "pbx_config", "app_stack", "app_dial", "app_exec",
     "app_milliwatt", "res_speech", "res_agi", "res_curl", "func_curl", "func_env", "func_strings", "func_uri",
     "func_uuid", "func_callerid", "func_logic", "func_channel", "func_cut", "res_audiosocket", "chan_audiosocket",
-    "app_audiosocket",
+    "app_audiosocket", "res_stir_shaken", "res_pjsip_stir_shaken",
 )
 
 
@@ -111,6 +112,7 @@ def configuration(folder: str, ports: Ports) -> dict[str, str]:
         + "[options]\nverbose = 3\n",
         "modules.conf": "[modules]\nautoload = no\n" + "".join(f"load = {name}.so\n" for name in MODULES),
         "logger.conf": "[logfiles]\nmessages.log => notice,warning,error,verbose\n",
+        "stir_shaken.conf": stir_shaken_conf(folder),
         "manager.conf": (
             f"[general]\nenabled = yes\nbindaddr = 127.0.0.1\nport = {ports.ami}\n\n"
             f"[{AMI_USER}]\nsecret = {AMI_SECRET}\ndeny = 0.0.0.0/0.0.0.0\npermit = 127.0.0.1/255.255.255.255\n"

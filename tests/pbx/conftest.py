@@ -34,6 +34,7 @@ from tests.pbx.avr_core import AvrCore
 from tests.pbx.dialplans import extensions
 from tests.pbx.manager import Manager, manager
 from tests.pbx.sip import pjsip
+from tests.pbx.stir import CA_FILE, Stir, start_stir
 
 DIALPLAN = Path(__file__).resolve().parents[2] / "dialplan"
 PROXY_NAME = "avr-llm-proxy"
@@ -68,6 +69,7 @@ class Pbx:
     asterisk: Asterisk
     proxy_address: str
     audiosocket_port: int
+    stir: Stir
 
     @property
     def callerid_dir(self) -> Path:
@@ -79,6 +81,7 @@ class Pbx:
 def pbx(request: pytest.FixtureRequest) -> Iterator[Pbx]:
     """One real Asterisk 22 for the whole run, with the shipped dialplans included as the README says."""
     asterisk: Asterisk | None = None
+    stir = start_stir()
     try:
         root, made_in = ensure_root()
         if made_in is not None:
@@ -87,26 +90,30 @@ def pbx(request: pytest.FixtureRequest) -> Iterator[Pbx]:
         ports = Ports(ami=_free_port(), sip=_free_port(kind=socket.SOCK_DGRAM))
         audiosocket_port = _free_port()
         includes = {f"avr-llm-proxy/{path.name}": path.read_text() for path in DIALPLAN.glob("*.conf")}
-        files = {"extensions.conf": extensions(audiosocket_port), "pjsip.conf": pjsip(ports.sip)}
+        files = {"extensions.conf": extensions(audiosocket_port), "pjsip.conf": pjsip(ports.sip),
+                 CA_FILE: stir.ca_pem}
         asterisk = Asterisk(root, ports, files, includes, hosts=f"{address} {PROXY_NAME}\n")
         asterisk.start()
         version = asterisk.cli("core show version").split()[1]
     except PbxUnavailable as exc:
+        stir.close()
         if asterisk is not None:
             asterisk.stop()
         if os.environ.get(REQUIRED):
             pytest.fail(f"no real Asterisk here, and {REQUIRED} is set: {exc}")
         pytest.skip(f"no real Asterisk here: {exc}")
     except BaseException:
+        stir.close()
         if asterisk is not None:
             asterisk.stop()
         raise
     try:
         report(request.config, "pbx", f"Asterisk {version} running, AMI 127.0.0.1:{ports.ami}, "
                                       f"SIP 127.0.0.1:{ports.sip}")
-        yield Pbx(asterisk, address, audiosocket_port)
+        yield Pbx(asterisk, address, audiosocket_port, stir)
     finally:
         asterisk.stop()
+        stir.close()
 
 
 @dataclass

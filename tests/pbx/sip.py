@@ -11,6 +11,7 @@ import asyncio
 from pathlib import Path
 
 from tests.machine import apt_install, which
+from tests.pbx.stir import PROFILE
 
 ENDPOINT = "carrier"
 ALAW_SILENCE = b"\xd5" * 8000  # one second of A-law silence; sipp loops it
@@ -25,11 +26,14 @@ def sipp_program() -> str | None:
 
 
 def pjsip(sip_port: int) -> str:
-    """pjsip.conf: a loopback UDP transport and one carrier trunk, trusted for identity headers."""
+    """pjsip.conf: a loopback UDP transport and one carrier trunk, trusted for identity headers and
+    verified for STIR/SHAKEN."""
     return (
         f"[udp]\ntype = transport\nprotocol = udp\nbind = 127.0.0.1:{sip_port}\n\n"
         f"[{ENDPOINT}]\ntype = endpoint\ntransport = udp\ncontext = sip-in\ndisallow = all\nallow = alaw\n"
-        "identify_by = ip\ntrust_id_inbound = yes\nrtp_symmetric = yes\ndirect_media = no\n\n"
+        "identify_by = ip\ntrust_id_inbound = yes\nrtp_symmetric = yes\ndirect_media = no\n"
+        # Asterisk verifies STIR/SHAKEN Identity headers of this trunk (tests/pbx/stir.py).
+        f"stir_shaken_profile = {PROFILE}\n\n"
         f"[{ENDPOINT}-ip]\ntype = identify\nendpoint = {ENDPOINT}\nmatch = 127.0.0.1\n"
     )
 
