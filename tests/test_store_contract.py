@@ -159,6 +159,33 @@ class TestStoreContract:
         await store.put("k", b"v", time.time() + 60, replace=False)
         assert await store.count("k", 0) == 0
 
+    async def test_list_lives_and_goes_with_its_value(self, store: Store) -> None:
+        """Entries are kept beside a live value only, in order, the newest `keep`; they survive a
+        replacement and a longer expiry, and go with a delete, an erasure or the expiry."""
+        assert await store.append("k", [b"lost"]) is False and await store.entries("k") == []
+        await store.put("k", b"v", time.time() + 60, "t")
+        assert await store.append("k", [b"1", b"2"]) and await store.append("k", [b"3"])
+        assert await store.entries("k") == [b"1", b"2", b"3"]
+        assert await store.append("k", [b"4", b"5"], keep=3)
+        assert await store.entries("k") == [b"3", b"4", b"5"]
+        await store.put("k", b"w", time.time() + 60, "t")
+        assert await store.swap("k", b"w", b"x", time.time() + 120, "t")
+        assert await store.entries("k") == [b"3", b"4", b"5"]
+        await store.delete("k")
+        assert await store.entries("k") == []
+        await store.put("k", b"v", time.time() + 60, "t")
+        assert await store.entries("k") == []
+        await store.append("k", [b"a"])
+        await store.delete_tagged("t")
+        assert await store.entries("k") == []
+        await store.put("k", b"v", time.time() + 0.05)
+        await store.append("k", [b"a"])
+        await asyncio.sleep(0.1)
+        assert await store.entries("k") == [] and await store.append("k", [b"b"]) is False
+        await store.purge_expired(time.time())
+        await store.put("k", b"v", time.time() + 60)
+        assert await store.entries("k") == []
+
     async def test_note_call_counts_each_call_once(self, store: Store) -> None:
         """Each call of a number is counted once however often it is noted, and is told what came before
         it; numbers are apart, a call noted for another number (a recapture) is counted there; an

@@ -5,6 +5,7 @@ Framework-free, so every endpoint (and its tests) decides the same way.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 from collections.abc import Sequence
@@ -37,3 +38,30 @@ def client_in(host: str | None, networks: Sequence[Network]) -> bool:
 
 
 LOOPBACK: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+SESSION_S = 12 * 3600  # how long a console login lasts
+
+
+def _session_key(token: str) -> bytes:
+    """The console's session key, derived from DEBUG_TOKEN: changing the token ends every session."""
+    return hmac.new(token.encode(), b"avr-llm-proxy console session", hashlib.sha256).digest()
+
+
+def _signed(token: str, text: str) -> str:
+    return hmac.new(_session_key(token), text.encode(), hashlib.sha256).hexdigest()
+
+
+def session_cookie(token: str, now: float) -> str:
+    """A console session: its expiry and a signature of it (nothing else, no caller data)."""
+    expires = str(int(now + SESSION_S))
+    return f"{expires}.{_signed(token, expires)}"
+
+
+def session_valid(cookie: str | None, token: str, now: float) -> bool:
+    if not cookie or not token:
+        return False
+    expires, _, signature = cookie.partition(".")
+    if not expires.isdigit() or int(expires) < now:
+        return False
+    return hmac.compare_digest(signature.encode(), _signed(token, expires).encode())

@@ -24,6 +24,8 @@ from .capture.ami import AmiListener
 from .capture.files import LegacyCallerFiles
 from .capture.routes import ClientGone, capture_router, read_body
 from .config import Settings
+from .console.feed import ConsoleFeed
+from .console.routes import console_router
 from .control import CallControl
 from .demo_api import DemoApi
 from .leader import HostLock, lead
@@ -173,6 +175,8 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
     app = FastAPI(title="avr-llm-proxy", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.include_router(capture_router(registry, settings.default_region, settings.networks, settings.capture_token,
                                       lifecycle, settings.webhook_secret))
+
+    app.include_router(console_router(ConsoleFeed(registry, redact, upstream.breaker.describe), settings.debug_token))
 
     @app.get("/healthz", summary="The process is up")
     async def healthz() -> dict[str, str]:

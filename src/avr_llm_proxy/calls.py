@@ -489,6 +489,24 @@ class CallRegistry:
         """More turns answered on this call, counted in the store whatever process answered them."""
         return await self.store.count(uuid, turns)
 
+    async def note(self, uuid: str, entries: Sequence[dict[str, Any]]) -> bool:
+        """Add entries (turns, events) to the call's timeline, sealed like its record; False when the
+        call has no record (nothing to attach them to)."""
+        data = [orjson.dumps(entry) for entry in entries]
+        if self.sealer is not None:
+            data = [self.sealer.seal(item) for item in data]
+        return await self.store.append(uuid, data)
+
+    async def timeline(self, uuid: str) -> list[dict[str, Any]]:
+        """The call's timeline, oldest first; entries that cannot be opened (a lost key) are skipped."""
+        entries = []
+        for data in await self.store.entries(uuid):
+            with contextlib.suppress(ValueError, SealError):
+                entry = orjson.loads(self.sealer.open(data) if self.sealer else data)
+                if isinstance(entry, dict):
+                    entries.append(entry)
+        return entries
+
     async def turns(self, uuid: str) -> int:
         """The turns answered on this call so far (0 when it has no record)."""
         return await self.store.count(uuid, 0) or 0

@@ -63,14 +63,14 @@ def number_redactor(policy: NumberPolicy, key: bytes) -> Callable[[str], str]:
 _NOT_A_NUMBER = re.compile(r"^(?:\d{1,3}(?:\.\d{1,3}){3}|\d{9,10}\.\d{1,6})$")
 
 
-def scrub_text(text: str, redact: Callable[[str], str]) -> str:
-    """Redact every number-like run inside free text (messages, exceptions, dumps)."""
+def scrub_text(text: str, redact: Callable[[str], str], pattern: re.Pattern[str] = NUMBER_PATTERN) -> str:
+    """Redact every number-like run (`pattern`) inside free text (messages, exceptions, dumps)."""
 
     def replace(match: re.Match[str]) -> str:
         found = match.group(0)
         return found if _NOT_A_NUMBER.match(found) else redact(found)
 
-    return NUMBER_PATTERN.sub(replace, text)
+    return pattern.sub(replace, text)
 
 
 class SealError(Exception):

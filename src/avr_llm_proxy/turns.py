@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -91,6 +91,8 @@ class _Outcome:
     first_ms: float | None = None
     upstream_ms: float = 0.0
     spoken_chars: int = 0  # of the answer's sentences: how long a call action waits for them to be said
+    texts: list[str] = field(default_factory=list)  # the answer's sentences, for the call's timeline
+    filler: bool = False
     ended: bool = False
 
     async def say(self, frames: Sequence[bytes], last: bool = False) -> None:
@@ -105,6 +107,7 @@ class _Outcome:
             FIRST_SENTENCE.observe(self.first_ms / 1000)
         self.sentences += len(texts)
         self.spoken_chars += sum(map(len, texts))
+        self.texts.extend(texts)
         await self.say([frame(text) for text in texts], last)
 
 
@@ -123,6 +126,8 @@ class Turns:
         self._flights: dict[str, _Flight] = {}
         self._background: set[asyncio.Task[Any]] = set()  # history notes, off the turns' path
         self._uncounted: dict[str, int] = {}  # turns answered here and not yet counted in the store, per call
+        self._unnoted: dict[str, list[dict[str, Any]]] = {}  # their timeline entries, likewise
+        self._fallback_texts = sentences(policy.fallback_message)
         self._counting: asyncio.Task[None] | None = None
         if policy.history_s:
             registry.on_capture.append(self._note_history)
@@ -161,8 +166,8 @@ class Turns:
         finally:
             ACTIVE_TURNS.dec()
         caller = record.caller if record else UNKNOWN_CALLER
-        if record is not None and outcome.status != "superseded":  # something was said: a turn answered
-            self._count(turn.uuid)
+        if record is not None:
+            self._note(turn, outcome)
         self.registry.recent.note_turn(turn.uuid, caller, outcome.status, outcome.upstream_ms)
         log.info(
             "turn", uuid=turn.uuid, turn=turn.turn, caller_number=caller.log_number, source=caller.source,
@@ -314,6 +319,7 @@ class Turns:
         """FILLER_AFTER_MS: say the filler once if the answer has not begun by then."""
         await asyncio.sleep(max(0.0, outcome.started + self.policy.filler_after_s - time.perf_counter()))
         if not outcome.sentences:
+            outcome.filler = True
             await outcome.say(self._filler)
 
     async def _superseded(self, request: UpstreamRequest, outcome: _Outcome) -> None:
@@ -322,27 +328,44 @@ class Turns:
         TURNS.labels(outcome="superseded").inc()
         log.info("turn_superseded", uuid=request.uuid, turn=request.turn)
 
-    def _count(self, uuid: str) -> None:
-        """Count the turn in the store in the background, off the turn's path (for `calls` and EVENTS_URL).
+    def _note(self, turn: AvrTurn, outcome: _Outcome) -> None:
+        """Count the turn and add it to the call's timeline in the store, in the background, off the turn's
+        path (for `calls`, EVENTS_URL and the console). A stale turn is in the timeline, not the count.
 
         The turns of COUNT_EVERY_S are added up per call and stored together: at saturation a write per
-        turn cost half the throughput of one process; the store's count lags by that much at most.
+        turn cost half the throughput of one process; the store lags by that much at most.
         """
-        self._uncounted[uuid] = self._uncounted.get(uuid, 0) + 1
+        status = outcome.status
+        if status != "superseded":  # something was said: a turn answered
+            self._uncounted[turn.uuid] = self._uncounted.get(turn.uuid, 0) + 1
+        spoken = outcome.texts or (self._fallback_texts if status.startswith("fallback") else [])
+        self._unnoted.setdefault(turn.uuid, []).append({
+            "at": round(time.time() - (time.perf_counter() - outcome.started), 3), "kind": "turn", "turn": turn.turn,
+            "said": turn.message, "spoken": spoken, "status": status, "filler": outcome.filler,
+            "latency_ms": round(outcome.upstream_ms, 1), "first_ms": outcome.first_ms,
+        })
         if self._counting is None or self._counting.done():
             self._counting = asyncio.create_task(self._store_counts())
 
     async def _store_counts(self) -> None:
-        while self._uncounted:
+        while self._uncounted or self._unnoted:
             await asyncio.sleep(COUNT_EVERY_S)
             counts, self._uncounted = self._uncounted, {}
-            await asyncio.gather(*(self._store_count(uuid, turns) for uuid, turns in counts.items()))
+            notes, self._unnoted = self._unnoted, {}
+            await asyncio.gather(*(self._store_count(uuid, turns) for uuid, turns in counts.items()),
+                                 *(self._store_notes(uuid, entries) for uuid, entries in notes.items()))
 
     async def _store_count(self, uuid: str, turns: int) -> None:
         try:
             await self.registry.count_turn(uuid, turns)
         except StoreError as exc:
             log.info("turn_count_not_stored", uuid=uuid, turns=turns, reason=str(exc))
+
+    async def _store_notes(self, uuid: str, entries: list[dict[str, Any]]) -> None:
+        try:
+            await self.registry.note(uuid, entries)
+        except StoreError as exc:
+            log.info("timeline_not_stored", uuid=uuid, turns=len(entries), reason=str(exc))
 
     def _note_history(self, record: CallRecord) -> None:
         """A capture: note the call in its caller's history now, so its first turn finds it in the record."""

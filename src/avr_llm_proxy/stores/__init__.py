@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 # What `listen`'s callback may get besides a key: "-" + key (erased), TAG_ERASED + tag (every key of a tag).
@@ -12,6 +12,8 @@ ERASURE_KEPT_S = 7 * 86400
 # The default deadline of one store operation (STORE_TIMEOUT_MS): a store that stops answering must
 # not keep a caller in silence; a capture that misses it is logged and Asterisk goes on.
 DEADLINE_S = 1.0
+# How many entries the list beside a value keeps at most (a call's timeline: its turns and events).
+MAX_ENTRIES = 500
 
 # What a store knows of a number's calls before one of them: how many, the first's and the last's
 # start (Unix seconds) and the last one's key.
@@ -73,6 +75,15 @@ class Store(Protocol):
         The counter lives and goes with its value (expiry, delete, erasure) and survives its
         replacement; a value written where none was live starts at 0.
         """
+        ...
+
+    async def append(self, key: str, entries: Sequence[bytes], keep: int = MAX_ENTRIES) -> bool:
+        """Add `entries` to the list beside a live value (its newest `keep` stay); False when there is no
+        live value. The list lives and goes with its value, like the counter."""
+        ...
+
+    async def entries(self, key: str) -> list[bytes]:
+        """The list beside a live value, oldest first; empty when there is none."""
         ...
 
     async def note_call(self, tag: str, key: str, at: float, keep_until: float,

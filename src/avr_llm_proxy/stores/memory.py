@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from . import ERASURE_KEPT_S, NO_HISTORY, HistoryRow
+from . import ERASURE_KEPT_S, MAX_ENTRIES, NO_HISTORY, HistoryRow
 
 
 class MemoryStore:
@@ -17,6 +17,7 @@ class MemoryStore:
         self._data: dict[str, tuple[float, bytes, str | None]] = {}
         self._erased: dict[str, float] = {}  # tag: when
         self._counts: dict[str, int] = {}
+        self._lists: dict[str, list[bytes]] = {}
         self._history: dict[str, tuple[HistoryRow, float]] = {}  # tag: (calls so far, until when)
         self._seen: dict[tuple[str, str], tuple[HistoryRow, float]] = {}  # (tag, call): (known before it, until)
         self._max_entries = max_entries
@@ -29,14 +30,14 @@ class MemoryStore:
         if tag is not None and born is not None and self._erased.get(tag, float("-inf")) >= born:
             return False
         if current is None or current[0] <= time.time():
-            self._counts.pop(key, None)
+            self._forget_beside(key)
         if len(self._data) >= self._max_entries and key not in self._data:
             await self.purge_expired(time.time())
             if len(self._data) >= self._max_entries:
                 # Bounded memory: the oldest inserted record goes first.
                 oldest = next(iter(self._data))
                 del self._data[oldest]
-                self._counts.pop(oldest, None)
+                self._forget_beside(oldest)
         self._data[key] = (expires_at, value, tag)
         return True
 
@@ -57,7 +58,7 @@ class MemoryStore:
             return None
         if entry[0] <= time.time():
             self._data.pop(key, None)
-            self._counts.pop(key, None)
+            self._forget_beside(key)
             return None
         return entry[1]
 
@@ -66,6 +67,22 @@ class MemoryStore:
             return None
         counted = self._counts[key] = self._counts.get(key, 0) + by
         return counted
+
+    def _forget_beside(self, key: str) -> None:
+        """What lives beside a value goes with it: its counter and its list."""
+        self._counts.pop(key, None)
+        self._lists.pop(key, None)
+
+    async def append(self, key: str, entries: Sequence[bytes], keep: int = MAX_ENTRIES) -> bool:
+        if await self.get(key) is None:
+            return False
+        kept = self._lists.setdefault(key, [])
+        kept.extend(entries)
+        del kept[:-keep]
+        return True
+
+    async def entries(self, key: str) -> list[bytes]:
+        return list(self._lists.get(key, ())) if await self.get(key) is not None else []
 
     async def note_call(self, tag: str, key: str, at: float, keep_until: float,
                         seen_until: float) -> HistoryRow | None:
@@ -87,7 +104,7 @@ class MemoryStore:
         return before
 
     async def delete(self, key: str) -> bool:
-        self._counts.pop(key, None)
+        self._forget_beside(key)
         return self._data.pop(key, None) is not None
 
     async def delete_tagged(self, tag: str) -> int:
@@ -98,7 +115,7 @@ class MemoryStore:
         keys = [key for key, entry in self._data.items() if entry[2] == tag]
         for key in keys:
             del self._data[key]
-            self._counts.pop(key, None)
+            self._forget_beside(key)
         return len(keys)
 
     async def recent(self, limit: int) -> list[tuple[bytes, int]]:
@@ -118,7 +135,7 @@ class MemoryStore:
         expired = [key for key, entry in self._data.items() if entry[0] <= now]
         for key in expired:
             del self._data[key]
-            self._counts.pop(key, None)
+            self._forget_beside(key)
         return len(expired)
 
     async def ping(self) -> None:
@@ -127,5 +144,6 @@ class MemoryStore:
     async def close(self) -> None:
         self._data.clear()
         self._counts.clear()
+        self._lists.clear()
         self._history.clear()
         self._seen.clear()

@@ -1,12 +1,13 @@
 """A store in Redis, shared by every replica: one key per call with its expiry, nothing scanned.
 
 Keys (prefix `avrlp:`), every one with an expiry: `call:<uuid>` holds the sealed record with a TTL;
-`count:<uuid>` its counter (the turns), expiring with it; `history:<hash>` a number's earlier calls
-(`HISTORY_DAYS`) and `seen:<hash>` what each of its live calls was told of them; `tag:<hash>` is the set of
-calls of one number (for erasure), expiring with its newest call; `erased:<hash>` the time that
-number was erased (kept 7 days); `recent` is a sorted set of call ids trimmed to the last 1,000
-(for `avr-llm-proxy calls`), living as long as its newest call. A capture is published on `captured`, so
-a turn waiting on another replica wakes at once instead of polling.
+`count:<uuid>` its counter (the turns) and `timeline:<uuid>` its list (turns and events), expiring
+with it; `history:<hash>` a number's earlier calls (`HISTORY_DAYS`) and `seen:<hash>` what each of
+its live calls was told of them; `tag:<hash>` is the set of calls of one number (for erasure),
+expiring with its newest call; `erased:<hash>` the time that number was erased (kept 7 days);
+`recent` is a sorted set of call ids trimmed to the last 1,000 (for `avr-llm-proxy calls`), living
+as long as its newest call. A capture is published on `captured`, so a turn waiting on another
+replica wakes at once instead of polling.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import redis.asyncio as aioredis
 import structlog
@@ -22,7 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from . import DEADLINE_S, ERASURE_KEPT_S, TAG_ERASED, HistoryRow, StoreError
+from . import DEADLINE_S, ERASURE_KEPT_S, MAX_ENTRIES, TAG_ERASED, HistoryRow, StoreError
 
 log = structlog.get_logger("avr_llm_proxy.stores.redis")
 
@@ -35,6 +36,7 @@ ERASED = PREFIX + "erased:"
 COUNT = PREFIX + "count:"
 HISTORY = PREFIX + "history:"
 SEEN = PREFIX + "seen:"
+TIMELINE = PREFIX + "timeline:"
 RECENT_SIZE = 1000
 MAX_CONNECTIONS = 64
 POOL_WAIT_S = 2.0
@@ -56,6 +58,7 @@ local function indexed(ttl)
   redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -{RECENT_SIZE + 1})
   if redis.call('PTTL', KEYS[3]) < tonumber(ttl) then redis.call('PEXPIRE', KEYS[3], ttl) end
   if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('PEXPIRE', KEYS[5], ttl) end
+  if redis.call('EXISTS', KEYS[6]) == 1 then redis.call('PEXPIRE', KEYS[6], ttl) end
   if ARGV[7] == '1' then redis.call('PUBLISH', ARGV[8], ARGV[4]) end
 end
 """
@@ -66,7 +69,7 @@ if ARGV[9] ~= '' then
   local erased = redis.call('GET', KEYS[4])
   if erased and tonumber(erased) >= tonumber(ARGV[9]) then return 0 end
 end
-if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('DEL', KEYS[5]) end  -- a new value counts from 0
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('DEL', KEYS[5], KEYS[6]) end  -- a new value starts afresh
 local written
 if ARGV[3] == '1' then
   written = redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX')
@@ -82,14 +85,14 @@ return 1
 # of the tag with its index entries, the news for replicas (each call, then the tag: they drop the
 # copies they hold). KEYS: the tag's set, its erasure mark, the recent calls, its history and notes;
 # ARGV: when, how long the mark is kept (ms), the calls' key prefix, the channel, the tag's message,
-# the counters' prefix.
+# the counters' prefix, the lists' prefix.
 _ERASE = """
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[4], KEYS[5])
 local deleted = 0
 for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   deleted = deleted + redis.call('DEL', ARGV[3] .. member)
-  redis.call('DEL', ARGV[6] .. member)
+  redis.call('DEL', ARGV[6] .. member, ARGV[7] .. member)
   redis.call('ZREM', KEYS[3], member)
   redis.call('PUBLISH', ARGV[4], '-' .. member)
 end
@@ -124,6 +127,17 @@ if ttl < 0 then return false end
 local counted = redis.call('INCRBY', KEYS[2], ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ttl)
 return counted
+"""
+# Entries added to the list beside a live value, the newest ARGV[1] kept, expiring with it. KEYS: the
+# value, the list; ARGV[2..]: the entries.
+_APPEND = """
+redis.replicate_commands()
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then return 0 end
+for i = 2, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[1]), -1)
+redis.call('PEXPIRE', KEYS[2], ttl)
+return 1
 """
 # One call counted once among its number's calls; the answer (what was known before it) is kept for
 # the call's later notes, in the number's hash of notes, each "<until ms>|<answer>", the expired ones
@@ -187,6 +201,7 @@ class RedisStore:
         self._swap = self._client.register_script(_SWAP)
         self._erase = self._client.register_script(_ERASE)
         self._count = self._client.register_script(_COUNT)
+        self._append = self._client.register_script(_APPEND)
         self._note_call = self._client.register_script(_NOTE_CALL)
         self._listener: asyncio.Task[None] | None = None
 
@@ -209,8 +224,8 @@ class RedisStore:
     @staticmethod
     def _written(key: str, tag: str | None) -> list[str]:
         """The KEYS of a write: the value, its tag's set (untouched without a tag), the recent calls,
-        when the tag was erased, and the value's counter."""
-        return [CALL + key, TAG + (tag or ""), RECENT, ERASED + (tag or ""), COUNT + key]
+        when the tag was erased, the value's counter and its list."""
+        return [CALL + key, TAG + (tag or ""), RECENT, ERASED + (tag or ""), COUNT + key, TIMELINE + key]
 
     @staticmethod
     def _indexing(key: str, expires_at: float, tag: str | None, notify: bool) -> list[str | float]:
@@ -243,10 +258,10 @@ class RedisStore:
 
     async def delete(self, key: str) -> bool:
         async with self._answered("delete"):
-            async with self._client.pipeline(transaction=True) as both:  # the value and its counter, at once
-                both.delete(CALL + key)
-                both.delete(COUNT + key)
-                deleted, _ = await both.execute()
+            async with self._client.pipeline(transaction=True) as together:  # the value, its counter and list
+                together.delete(CALL + key)
+                together.delete(COUNT + key, TIMELINE + key)
+                deleted, _ = await together.execute()
             await self._client.publish(CHANNEL, "-" + key)
         return bool(deleted)
 
@@ -254,13 +269,25 @@ class RedisStore:
         async with self._answered("erase"):
             keys = [TAG + tag, ERASED + tag, RECENT, HISTORY + tag, SEEN + tag]
             deleted = await self._erase(keys=keys, args=[
-                time.time(), ERASURE_KEPT_S * 1000, CALL, CHANNEL, TAG_ERASED + tag, COUNT])
+                time.time(), ERASURE_KEPT_S * 1000, CALL, CHANNEL, TAG_ERASED + tag, COUNT, TIMELINE])
         return int(deleted)
 
     async def count(self, key: str, by: int = 1) -> int | None:
         async with self._answered("count"):
             counted = await self._count(keys=[CALL + key, COUNT + key], args=[by])
         return None if counted is None else int(counted)
+
+    async def append(self, key: str, entries: Sequence[bytes], keep: int = MAX_ENTRIES) -> bool:
+        async with self._answered("append"):
+            return bool(await self._append(keys=[CALL + key, TIMELINE + key], args=[keep, *entries]))
+
+    async def entries(self, key: str) -> list[bytes]:
+        async with self._answered("read"):
+            async with self._client.pipeline(transaction=False) as both:
+                both.exists(CALL + key)
+                both.lrange(TIMELINE + key, 0, -1)
+                live, values = await both.execute()
+        return [_bytes(value) for value in values] if live else []
 
     async def note_call(self, tag: str, key: str, at: float, keep_until: float,
                         seen_until: float) -> HistoryRow | None:

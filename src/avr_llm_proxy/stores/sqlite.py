@@ -24,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from . import DEADLINE_S, ERASURE_KEPT_S, NO_HISTORY, HistoryRow, StoreError
+from . import DEADLINE_S, ERASURE_KEPT_S, MAX_ENTRIES, NO_HISTORY, HistoryRow, StoreError
 from .stamps import ChangeStamps
 
 log = structlog.get_logger("avr_llm_proxy.stores.sqlite")
@@ -51,6 +51,12 @@ CREATE TABLE IF NOT EXISTS history (
     last_at REAL NOT NULL,
     last_key TEXT NOT NULL,
     expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS timeline (
+    key TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (key, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS history_seen (
     tag TEXT NOT NULL,
@@ -300,6 +306,8 @@ class SqliteStore:
                           notify=False)
         await self._write("DELETE FROM history WHERE tag = ?", (tag,), None, notify=False)
         await self._write("DELETE FROM history_seen WHERE tag = ?", (tag,), None, notify=False)
+        await self._write("DELETE FROM timeline WHERE key IN (SELECT key FROM calls WHERE tag = ?)", (tag,), None,
+                          notify=False)
         return await self._write("DELETE FROM calls WHERE tag = ?", (tag,), None)
 
     async def get(self, key: str) -> bytes | None:
@@ -329,7 +337,31 @@ class SqliteStore:
         result: int | None = await self._steps(counted)
         return result
 
+    async def append(self, key: str, entries: Sequence[bytes], keep: int = MAX_ENTRIES) -> bool:
+        def appended(conn: sqlite3.Connection) -> bool:
+            if conn.execute("SELECT 1 FROM calls WHERE key = ? AND expires_at > ?", (key, time.time())).fetchone() \
+                    is None:
+                return False
+            last = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM timeline WHERE key = ?", (key,)).fetchone()[0])
+            conn.executemany("INSERT INTO timeline (key, seq, value) VALUES (?, ?, ?)",
+                             [(key, last + n, value) for n, value in enumerate(entries, 1)])
+            conn.execute("DELETE FROM timeline WHERE key = ? AND seq <= ?", (key, last + len(entries) - keep))
+            return True
+
+        result: bool = await self._steps(appended)
+        return result
+
+    async def entries(self, key: str) -> list[bytes]:
+        try:
+            rows = self._reader.execute(
+                "SELECT t.value FROM timeline t JOIN calls c ON c.key = t.key WHERE t.key = ? AND c.expires_at > ? "
+                "ORDER BY t.seq", (key, time.time())).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite read failed: {exc}") from exc
+        return [bytes(row[0]) for row in rows]
+
     async def delete(self, key: str) -> bool:
+        await self._write("DELETE FROM timeline WHERE key = ?", (key,), None, notify=False)
         return await self._write("DELETE FROM calls WHERE key = ?", (key,), key) > 0
 
     async def recent(self, limit: int) -> list[tuple[bytes, int]]:
@@ -350,6 +382,8 @@ class SqliteStore:
         await self._write("DELETE FROM erased WHERE at <= ?", (now - ERASURE_KEPT_S,), None, notify=False)
         await self._write("DELETE FROM history WHERE expires_at <= ?", (now,), None, notify=False)
         await self._write("DELETE FROM history_seen WHERE expires_at <= ?", (now,), None, notify=False)
+        await self._write("DELETE FROM timeline WHERE key NOT IN (SELECT key FROM calls WHERE expires_at > ?)", (now,),
+                          None, notify=False)
         return await self._write("DELETE FROM calls WHERE expires_at <= ?", (now,), None, notify=False)
 
     async def ping(self) -> None:

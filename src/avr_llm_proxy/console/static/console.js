@@ -1,0 +1,127 @@
+// avr-llm-proxy console: the live calls table and a call's timeline.
+// Everything is written with textContent: nothing from a call (a caller's name, what was said) is
+// ever parsed as HTML.
+"use strict";
+
+function cell(row, text, className) {
+  const td = document.createElement("td");
+  td.textContent = text === null || text === undefined ? "-" : String(text);
+  if (className) td.className = className;
+  row.appendChild(td);
+  return td;
+}
+
+function clock(seconds) {
+  if (!seconds) return "-";
+  return new Date(seconds * 1000).toLocaleTimeString([], { hour12: false });
+}
+
+function circuitText(circuit) {
+  if (!circuit) return "-";
+  if (typeof circuit === "string") return circuit;
+  return circuit.state || JSON.stringify(circuit);
+}
+
+function renderCalls(table) {
+  document.getElementById("circuit").textContent = circuitText(table.circuit);
+  document.getElementById("rate").textContent = table.turns_per_s.toFixed(1);
+  const body = document.querySelector("#calls tbody");
+  const rows = table.calls.map((call) => {
+    const row = document.createElement("tr");
+    row.dataset.uuid = call.uuid;
+    const link = document.createElement("a");
+    link.href = "/console/calls/" + encodeURIComponent(call.uuid);
+    link.textContent = call.uuid.slice(0, 8);
+    link.className = "mono";
+    cell(row, "").appendChild(link);
+    cell(row, call.number, "mono caller");
+    cell(row, call.presentation);
+    cell(row, call.source);
+    cell(row, call.called, "mono");
+    cell(row, call.turns, "num turns");
+    cell(row, call.latency_ms === null ? null : call.latency_ms.toFixed(1) + " ms", "num");
+    cell(row, call.status, "status status-" + call.status);
+    cell(row, call.action === "-" ? null : call.action);
+    cell(row, clock(call.started_at));
+    return row;
+  });
+  body.replaceChildren(...rows);
+  document.getElementById("empty").hidden = rows.length > 0;
+}
+
+function follow(onTable) {
+  const feed = document.getElementById("feed");
+  const source = new EventSource("/console/events");
+  source.addEventListener("calls", (event) => {
+    if (feed) feed.textContent = "live";
+    onTable(JSON.parse(event.data));
+  });
+  source.onerror = () => { if (feed) feed.textContent = "reconnecting"; };
+}
+
+function entry(event) {
+  const item = document.createElement("li");
+  item.className = "event event-" + event.kind;
+  const when = document.createElement("span");
+  when.className = "when";
+  when.textContent = clock(event.at);
+  const kind = document.createElement("span");
+  kind.className = "kind";
+  item.append(when, kind);
+  const note = (text, className) => {
+    const p = document.createElement("p");
+    p.className = className;
+    p.textContent = text;
+    item.appendChild(p);
+  };
+  if (event.kind === "turn") {
+    kind.textContent = "turn " + event.turn;
+    const outcome = event.status === "superseded" ? "stale"
+      : String(event.status).startsWith("fallback") ? event.status : "answered";
+    const status = document.createElement("span");
+    status.className = "outcome" + (outcome.startsWith("fallback") ? " bad" : "");
+    status.textContent = outcome + (event.filler ? ", filler said" : "");
+    item.appendChild(status);
+    note("caller: " + event.said, "said");
+    for (const sentence of event.spoken || []) note("bot: " + sentence, "spoken");
+    const first = event.first_ms === null || event.first_ms === undefined ? "-" : event.first_ms + " ms";
+    note("API " + event.latency_ms + " ms, first sentence " + first, "figures");
+  } else if (event.kind === "capture") {
+    kind.textContent = "captured";
+    note(event.number + " (" + event.presentation + ") by " + event.source, "said");
+  } else if (event.kind === "action") {
+    kind.textContent = "action";
+    note(event.action, "said");
+  } else {
+    kind.textContent = event.kind === "start" ? "call started" : "call ended";
+  }
+  return item;
+}
+
+async function renderTimeline(uuid) {
+  const answer = await fetch("/console/api/calls/" + encodeURIComponent(uuid), { credentials: "same-origin" });
+  document.getElementById("missing").hidden = answer.ok;
+  if (!answer.ok) return;
+  const call = await answer.json();
+  document.getElementById("uuid").textContent = call.uuid;
+  document.getElementById("caller").textContent = call.number + " (" + call.presentation + ")";
+  document.getElementById("called").textContent = call.called || "-";
+  document.getElementById("turns").textContent = call.turns;
+  document.getElementById("timeline").replaceChildren(...call.events.map(entry));
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const page = document.body.dataset.page;
+  if (page === "calls") {
+    follow(renderCalls);
+  } else if (page === "call") {
+    const uuid = decodeURIComponent(location.pathname.split("/").pop());
+    let seen = null;
+    renderTimeline(uuid);
+    follow((table) => {
+      const row = table.calls.find((call) => call.uuid === uuid);
+      const now = row ? JSON.stringify(row) : null;
+      if (now !== seen) { seen = now; renderTimeline(uuid); }
+    });
+  }
+});
