@@ -78,6 +78,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._too_large = False
         self._read_timer: asyncio.TimerHandle | None = None
         self._begun = False  # a byte of the current request has been parsed
+        self._event_stream = False  # the current request asks for Server-Sent Events
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -98,7 +99,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._head_bytes, self._in_head, self._begun = 0, True, True
+        self._head_bytes, self._in_head, self._begun, self._event_stream = 0, True, True, False
         if self._read_timer is None and not self._owed():  # a kept-alive connection's next request
             self._time_read()
 
@@ -108,6 +109,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count(len(name) + len(value) + 4)
+        if name.lower() == b"accept":
+            self._event_stream = b"text/event-stream" in value.lower()
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
@@ -126,6 +129,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if self._begun and self._read_timer is None and not self._owed() and not self.transport.is_closing():
             self._time_read()  # a request that came in during the answer is timed from its end
+
+    def shutdown(self) -> None:
+        """Graceful shutdown lets answers finish; an event stream (a console page) never does, so its
+        connection is closed: the stream ends now instead of holding the shutdown for its 30 s (the
+        browser's EventSource reconnects, to another worker or to this one restarted)."""
+        super().shutdown()
+        if self._event_stream and self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()  # connection_lost then tells the app its client left
 
     def _owed(self) -> bool:
         """An answer is still owed to a request before the one being read (pipelining): its client waits
