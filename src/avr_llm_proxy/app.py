@@ -176,7 +176,8 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
     app.include_router(capture_router(registry, settings.default_region, settings.networks, settings.capture_token,
                                       lifecycle, settings.webhook_secret))
 
-    app.include_router(console_router(ConsoleFeed(registry, redact, upstream.breaker.describe), settings.debug_token))
+    console = ConsoleFeed(registry, redact, upstream.breaker.describe)
+    app.include_router(console_router(console, settings.debug_token))
 
     @app.get("/healthz", summary="The process is up")
     async def healthz() -> dict[str, str]:
@@ -196,7 +197,7 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
     async def metrics() -> Response:
         return Response(metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/debug", summary="Recent calls of this process, numbers masked")
+    @app.get("/debug", summary="The newest calls of the store (every worker's), numbers masked")
     async def debug(request: Request) -> Response:
         if settings.debug_token:
             if not token_matches(bearer(request.headers.get("authorization")), settings.debug_token):
@@ -205,20 +206,11 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
         elif not client_in(request.client.host if request.client else None, LOOPBACK):
             log.warning("debug_refused", reason="not_loopback")
             return JSONResponse({"error": "set DEBUG_TOKEN to use /debug from another host"}, status_code=403)
-        calls: list[dict[str, Any]] = []
-        for activity in registry.recent.latest():
-            calls.append({
-                "uuid": activity.uuid,
-                "caller_number": redact(activity.caller.log_number)
-                if activity.caller.loggable_number else activity.caller.log_number,
-                "presentation": activity.caller.presentation,
-                "source": activity.caller.source,
-                "turns": activity.turns,
-                "last_status": activity.last_status,
-                "last_latency_ms": round(activity.last_latency_ms, 1),
-                "last_turn_at": activity.last_turn_at,
-                "action": activity.action or None,
-            })
+        calls = [{"uuid": row["uuid"], "caller_number": row["number"], "presentation": row["presentation"],
+                  "source": row["source"], "turns": row["turns"], "status": row["status"],
+                  "last_status": row["last_status"], "last_latency_ms": row["latency_ms"],
+                  "last_turn_at": row["last_turn_at"], "action": None if row["action"] == "-" else row["action"]}
+                 for row in await console.rows()]
         return JSONResponse({"upstream": {"name": upstream.name, "circuit": upstream.breaker.describe()},
                              "calls": calls})
 

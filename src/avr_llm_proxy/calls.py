@@ -19,7 +19,7 @@ import orjson
 import structlog
 
 from .history import CallerHistory, kept_for
-from .identity import NO_TRUST, UNKNOWN_CALLER, CallerId, CallerTrust
+from .identity import NO_TRUST, CallerId, CallerTrust
 from .observability import CAPTURES
 from .privacy import Sealer, SealError, hash_number
 from .stores import TAG_ERASED, Store, StoreError
@@ -121,54 +121,21 @@ class _Known(NamedTuple):
     echoes: int = 0
 
 
-@dataclass(slots=True)
-class CallActivity:
-    """What /debug shows of one recent call; lives only in this process."""
+class WaitedCalls:
+    """The calls a turn of this process has waited for a capture already: each call waits once."""
 
-    uuid: str
-    caller: CallerId
-    turns: int = 0
-    last_status: str = ""
-    last_latency_ms: float = 0.0
-    last_turn_at: float = 0.0
-    action: str = ""  # the call action this process carried out or refused (control.describe)
-
-
-class RecentCalls:
-    """A bounded, most-recent-first view of the calls this process served."""
-
-    def __init__(self, size: int = 200) -> None:
+    def __init__(self, size: int = 4096) -> None:
         self._size = size
-        self._calls: OrderedDict[str, CallActivity] = OrderedDict()
-
-    def note_turn(self, uuid: str, caller: CallerId, status: str, latency_ms: float) -> None:
-        activity = self._calls.pop(uuid, None) or CallActivity(uuid, caller)
-        activity.caller = caller
-        activity.turns += 1
-        activity.last_status = status
-        activity.last_latency_ms = latency_ms
-        activity.last_turn_at = time.time()
-        self._keep(activity)
-
-    def note_action(self, uuid: str, summary: str) -> None:
-        activity = self._calls.get(uuid)
-        if activity is not None:
-            activity.action = summary
+        self._calls: OrderedDict[str, None] = OrderedDict()
 
     def first_wait(self, uuid: str) -> bool:
         """True for the first turn of a call to wait for its caller here (later ones do not wait again)."""
         if uuid in self._calls:
             return False
-        self._keep(CallActivity(uuid, UNKNOWN_CALLER, last_status="waiting_for_caller"))
-        return True
-
-    def _keep(self, activity: CallActivity) -> None:
-        self._calls[activity.uuid] = activity
+        self._calls[uuid] = None
         if len(self._calls) > self._size:
             self._calls.popitem(last=False)
-
-    def latest(self) -> list[CallActivity]:
-        return list(reversed(self._calls.values()))
+        return True
 
 
 class CallRegistry:
@@ -199,7 +166,7 @@ class CallRegistry:
         # connection cut) the call still has its caller and the store gets it back.
         self._known: OrderedDict[str, _Known] = OrderedDict()
         self._known_size = MAX_KEPT if store.volatile else MAX_DECODED
-        self.recent = RecentCalls()
+        self.waited = WaitedCalls()
         self._late_sources = tuple(late_sources)
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 

@@ -190,7 +190,6 @@ class CallControl:
                 return None
             return dataclasses.replace(current, action=entry)
 
-        self.registry.recent.note_action(uuid, describe(entry))
         try:
             record = await self.registry.change(uuid, noted)
         except StoreError as exc:

@@ -168,7 +168,6 @@ class Turns:
         caller = record.caller if record else UNKNOWN_CALLER
         if record is not None:
             self._note(turn, outcome)
-        self.registry.recent.note_turn(turn.uuid, caller, outcome.status, outcome.upstream_ms)
         log.info(
             "turn", uuid=turn.uuid, turn=turn.turn, caller_number=caller.log_number, source=caller.source,
             status=outcome.status, sentences=outcome.sentences, latency_ms=round(outcome.upstream_ms, 1),
@@ -192,7 +191,7 @@ class Turns:
             # stand for the whole call and refuse the dialplan's real capture (already_captured).
             caller = parse_caller(turn.body_caller, source="body", region=self.policy.region)
             return CallRecord(uuid=turn.uuid, caller=caller)
-        if self.policy.caller_wait_s <= 0 or not self.registry.recent.first_wait(turn.uuid):
+        if self.policy.caller_wait_s <= 0 or not self.registry.waited.first_wait(turn.uuid):
             # Waited on an earlier turn already: a capture that late would still be found above.
             return None
         record = await self.registry.wait(turn.uuid, self.policy.caller_wait_s)

@@ -80,11 +80,14 @@ class ConsoleFeed:
             await asyncio.sleep(POLL_S)
         self._last = b""
 
+    async def rows(self, limit: int = MAX_ROWS) -> list[dict[str, Any]]:
+        """The newest calls of the store, every process's, one row each (also /debug's)."""
+        return [await self._row(record, turns) for record, turns in await self.registry.newest(limit)]
+
     async def table(self) -> dict[str, Any]:
         """The newest calls as rows, the circuit, and the turns per second over all calls."""
-        calls = await self.registry.newest(MAX_ROWS)
-        rows = [await self._row(record, turns) for record, turns in calls]
-        now, total = time.monotonic(), sum(turns for _, turns in calls)
+        rows = await self.rows()
+        now, total = time.monotonic(), sum(row["turns"] for row in rows)
         rate = 0.0
         if self._counted is not None and now > self._counted[0]:
             rate = max(0.0, (total - self._counted[1]) / (now - self._counted[0]))
@@ -101,6 +104,7 @@ class ConsoleFeed:
             "uuid": record.uuid, "number": self.number(record), "presentation": record.caller.presentation,
             "source": record.caller.source, "called": record.called_number, "turns": turns,
             "latency_ms": last.get("latency_ms") if last else None, "status": status,
+            "last_status": last.get("status") if last else None, "last_turn_at": last.get("at") if last else None,
             "started_at": record.started_at or record.captured_at, "action": describe(record.action),
         }
 
