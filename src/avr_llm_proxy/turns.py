@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -128,6 +129,7 @@ class Turns:
         self._uncounted: dict[str, int] = {}  # turns answered here and not yet counted in the store, per call
         self._unnoted: dict[str, list[dict[str, Any]]] = {}  # their timeline entries, likewise
         self._fallback_texts = sentences(policy.fallback_message)
+        self._worker = os.getpid()  # which process answered, in the timeline (serve --workers N)
         self._counting: asyncio.Task[None] | None = None
         if policy.history_s:
             registry.on_capture.append(self._note_history)
@@ -341,7 +343,7 @@ class Turns:
         self._unnoted.setdefault(turn.uuid, []).append({
             "at": round(time.time() - (time.perf_counter() - outcome.started), 3), "kind": "turn", "turn": turn.turn,
             "said": turn.message, "spoken": spoken, "status": status, "filler": outcome.filler,
-            "latency_ms": round(outcome.upstream_ms, 1), "first_ms": outcome.first_ms,
+            "latency_ms": round(outcome.upstream_ms, 1), "first_ms": outcome.first_ms, "worker": self._worker,
         })
         if self._counting is None or self._counting.done():
             self._counting = asyncio.create_task(self._store_counts())

@@ -18,6 +18,7 @@ from playwright.async_api import Page, expect
 from avr_llm_proxy.simulate import http_request, play_call, register_caller
 
 from ..conftest import make_settings, running_api, running_proxy
+from ..integration.test_replicas import Replica
 from .conftest import screenshot
 
 NUMBER = "+593987654321"
@@ -138,3 +139,31 @@ async def test_shutdown_does_not_wait_for_an_open_console(tmp_path: Path) -> Non
                     pass
             await stopping
         stream.release()
+
+
+async def test_live_table_of_serve_with_two_workers(page: Page, tmp_path: Path) -> None:
+    """`serve --workers 2`: one worker holds the page's stream, turns land on both, and every call shows
+    with all its turns; the timelines name the worker of each turn, and there are two."""
+    async with running_api() as api:
+        served = await Replica(tmp_path, "--workers", "2", STORE_URL=f"sqlite:///{tmp_path / 'calls.db'}",
+                               API_URL=api.url).start()
+        try:
+            await page.goto(f"{served.url}/console")
+            await expect(page.locator("#feed")).to_have_text("live")
+            workers: set[int] = set()
+            calls: list[str] = []
+            while len(workers) < 2:
+                assert len(calls) < 40, "every turn went to one worker"
+                batch = [str(uuidlib.uuid4()) for _ in range(4)]
+                for call in batch:
+                    await register_caller(served.url, call, NUMBER, None, None, "json")
+                await asyncio.gather(*(play_call(served.url, call, ["hola", "gracias"]) for call in batch))
+                calls += batch
+                for call in batch:
+                    await expect(page.locator(f'tr[data-uuid="{call}"] .turns')).to_have_text("2")
+                    answer = await page.request.get(f"{served.url}/console/api/calls/{call}")
+                    workers |= {event["worker"] for event in (await answer.json())["events"] if event["kind"] == "turn"}
+            await expect(page.locator("#calls tbody tr")).to_have_count(len(calls))
+            await screenshot(page, "console-two-workers")
+        finally:
+            served.stop()

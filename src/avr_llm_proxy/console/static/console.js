@@ -85,7 +85,7 @@ function entry(event) {
     note("caller: " + event.said, "said");
     for (const sentence of event.spoken || []) note("bot: " + sentence, "spoken");
     const first = event.first_ms === null || event.first_ms === undefined ? "-" : event.first_ms + " ms";
-    note("API " + event.latency_ms + " ms, first sentence " + first, "figures");
+    note("API " + event.latency_ms + " ms, first sentence " + first + ", worker " + event.worker, "figures");
   } else if (event.kind === "capture") {
     kind.textContent = "captured";
     note(event.number + " (" + event.presentation + ") by " + event.source, "said");
