@@ -65,3 +65,9 @@ def session_valid(cookie: str | None, token: str, now: float) -> bool:
     if not expires.isdigit() or int(expires) < now:
         return False
     return hmac.compare_digest(signature.encode(), _signed(token, expires).encode())
+
+
+def csrf_token(key: bytes, session: str) -> str:
+    """The token a console form must send back in a header: bound to the session (its cookie, or the
+    loopback client without one) and to a key every worker shares, so any worker checks it."""
+    return hmac.new(key, b"console csrf|" + session.encode(), hashlib.sha256).hexdigest()

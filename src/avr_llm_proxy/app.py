@@ -26,6 +26,7 @@ from .capture.routes import ClientGone, capture_router, read_body
 from .config import Settings
 from .console.feed import ConsoleFeed
 from .console.routes import console_router
+from .console.trial import TrialCalls
 from .control import CallControl
 from .demo_api import DemoApi
 from .leader import HostLock, lead
@@ -177,7 +178,8 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
                                       lifecycle, settings.webhook_secret))
 
     console = ConsoleFeed(registry, redact, upstream.breaker.describe)
-    app.include_router(console_router(console, settings.debug_token))
+    trials = TrialCalls(registry, turns.request, redact, settings.capture_token)
+    app.include_router(console_router(console, settings.debug_token, keys.hash_key, trials))
 
     @app.get("/healthz", summary="The process is up")
     async def healthz() -> dict[str, str]:

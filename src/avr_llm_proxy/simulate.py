@@ -119,7 +119,7 @@ def hear(reply: HttpReply, said: str) -> HeardTurn:
 
 async def register_caller(
     base_url: str, call_uuid: str, number: str, name: str | None, called: str | None, way: str,
-    token: str | None = None,
+    token: str | None = None, presentation: str | None = None,
 ) -> HttpReply:
     """Record the caller like a dialplan would: our JSON, or the form `CURL()` posts.
 
@@ -128,10 +128,12 @@ async def register_caller(
     """
     headers = {"Authorization": f"Bearer {token}"} if token else None
     if way == "form":
-        fields = {"uuid": call_uuid, "num": number, "name": name or "", "dnid": called or ""}
+        fields = {"uuid": call_uuid, "num": number, "name": name or "", "dnid": called or "",
+                  "pres": presentation or ""}
         body = "&".join(f"{key}={quote(value, safe='')}" for key, value in fields.items()).encode()
         return await http_request(f"{base_url}/call", body, "application/x-www-form-urlencoded", headers=headers)
-    payload = {"uuid": call_uuid, "caller_number": number, "caller_name": name, "called_number": called}
+    payload = {"uuid": call_uuid, "caller_number": number, "caller_name": name, "called_number": called,
+               "presentation": presentation}
     return await http_request(f"{base_url}/call", orjson.dumps(payload), headers=headers)
 
 

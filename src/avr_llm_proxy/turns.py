@@ -232,12 +232,16 @@ class Turns:
         self._flights[uuid] = flight
         return flight
 
-    async def _answer(self, turn: AvrTurn, record: CallRecord | None, outcome: _Outcome) -> None:
-        request = UpstreamRequest(
+    def request(self, turn: AvrTurn, record: CallRecord | None) -> UpstreamRequest:
+        """What the upstream is asked for one turn of a call (and what the console's test call shows)."""
+        return UpstreamRequest(
             uuid=turn.uuid, turn=turn.turn, text=turn.message, record=record, phone=self.policy.phone_for(record),
             number_format=self.policy.number_format, history=turn.history, with_history=self.policy.history_s > 0,
             with_contact=self.lookup is not None,
         )
+
+    async def _answer(self, turn: AvrTurn, record: CallRecord | None, outcome: _Outcome) -> None:
+        request = self.request(turn, record)
         flight = self._take_off(turn.uuid, turn.turn)
         try:
             if flight.superseded:

@@ -167,3 +167,30 @@ async def test_live_table_of_serve_with_two_workers(page: Page, tmp_path: Path) 
             await screenshot(page, "console-two-workers")
         finally:
             served.stop()
+
+
+async def test_test_call_panel_plays_the_real_path(page: Page, tmp_path: Path) -> None:
+    """The panel's call is captured and played like `simulate`: the page shows what avr-core would speak
+    and the body the API received, masked; the call joins the live table; no CSRF token, no call."""
+    async with running_api() as api, running_proxy(make_settings(tmp_path, api_url=api.url)) as proxy:
+        await page.goto(f"{proxy.url}/console")
+        await page.fill("input[name=number]", NUMBER)
+        await page.fill("input[name=name]", "Juan Perez")
+        await page.fill("textarea[name=utterances]", "hola\nmi pedido es 1043221")
+        await page.click("#trial-form button")
+        turns = page.locator("#trial-turns li")
+        await expect(turns).to_have_count(2)
+        await expect(turns.nth(0).locator(".spoken").first).to_have_text("bot: Hola +593*****4321.")
+        await expect(turns.nth(1).locator(".said")).to_have_text("turn 2, caller: mi pedido es ***3221")
+        sent = await page.locator("#trial-sent").text_content() or ""
+        await expect(page.locator("#calls tbody tr")).to_have_count(1)
+        await screenshot(page, "console-test-call")
+        html = await page.content()
+        forged = [await page.request.post(f"{proxy.url}/console/api/test-call", data={"utterances": ["hola"]},
+                                          headers=headers)
+                  for headers in ({}, {"X-CSRF-Token": "0" * 64})]
+    assert [payload["text"] for payload in api.received] == ["hola", "mi pedido es 1043221"]
+    assert '"caller_number": "+593*****4321"' in sent and '"called_number": "5551000"' in sent
+    assert '"national": "******4321"' in sent and '"text": "mi pedido es ***3221"' in sent
+    assert DIGITS not in sent and DIGITS not in html and "1043221" not in html
+    assert [answer.status for answer in forged] == [403, 403] and len(api.received) == 2

@@ -12,19 +12,32 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qs
 
+import orjson
 import structlog
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..access import LOOPBACK, SESSION_S, bearer, client_in, session_cookie, session_valid, token_matches
+from ..access import (
+    LOOPBACK,
+    SESSION_S,
+    bearer,
+    client_in,
+    csrf_token,
+    session_cookie,
+    session_valid,
+    token_matches,
+)
 from ..avr import canonical_uuid
+from ..simulate import proxy_url
 from .feed import ConsoleFeed
+from .trial import TrialCalls, TrialError, parse_trial
 
 log = structlog.get_logger("avr_llm_proxy.console")
 
 STATIC = Path(__file__).with_name("static")
 COOKIE = "avrlp_console"
 MAX_LOGIN_BYTES = 4096
+MAX_TRIAL_BYTES = 16 * 1024
 HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                                "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
@@ -42,8 +55,21 @@ def _file(name: str, status: int = 200, **extra: str) -> Response:
     return Response(path.read_bytes(), status_code=status, media_type=_TYPES[path.suffix], headers={**HEADERS, **extra})
 
 
-def console_router(feed: ConsoleFeed, debug_token: str) -> APIRouter:
+async def _body(request: Request, limit: int) -> bytes | None:
+    """The request's body, or None past `limit` bytes."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return body
+
+
+def console_router(feed: ConsoleFeed, debug_token: str, csrf_key: bytes, trials: TrialCalls) -> APIRouter:
     router = APIRouter(prefix="/console", include_in_schema=False)
+
+    def csrf(request: Request) -> str:
+        return csrf_token(csrf_key, request.cookies.get(COOKIE, "") if debug_token else "loopback")
 
     def allowed(request: Request) -> bool:
         if debug_token:
@@ -65,11 +91,9 @@ def console_router(feed: ConsoleFeed, debug_token: str) -> APIRouter:
 
     @router.post("/login")
     async def login(request: Request) -> Response:
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_LOGIN_BYTES:
-                return Response(status_code=413, headers=HEADERS)
+        body = await _body(request, MAX_LOGIN_BYTES)
+        if body is None:
+            return Response(status_code=413, headers=HEADERS)
         given = parse_qs(body.decode("utf-8", errors="replace")).get("token", [""])[0]
         if not token_matches(given, debug_token):
             log.warning("console_login_failed", client=request.client.host if request.client else None)
@@ -101,6 +125,32 @@ def console_router(feed: ConsoleFeed, debug_token: str) -> APIRouter:
         if timeline is None:
             return JSONResponse({"error": "no such call"}, status_code=404, headers=HEADERS)
         return JSONResponse(timeline, headers=HEADERS)
+
+    @router.get("/api/csrf")
+    async def csrf_for_page(request: Request) -> Response:
+        """The test-call form's token; a page of another origin cannot read it."""
+        if not allowed(request):
+            return refused(request, data=True)
+        return JSONResponse({"token": csrf(request)}, headers=HEADERS)
+
+    @router.post("/api/test-call")
+    async def test_call(request: Request) -> Response:
+        if not allowed(request):
+            return refused(request, data=True)
+        if not token_matches(request.headers.get("x-csrf-token"), csrf(request)):
+            log.warning("console_refused", reason="csrf", path=request.url.path)
+            return JSONResponse({"error": "missing or wrong X-CSRF-Token"}, status_code=403, headers=HEADERS)
+        body = await _body(request, MAX_TRIAL_BYTES)
+        if body is None:
+            return JSONResponse({"error": "body too large"}, status_code=413, headers=HEADERS)
+        try:
+            call = parse_trial(orjson.loads(body))
+        except (orjson.JSONDecodeError, TrialError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400, headers=HEADERS)
+        host, port = request.scope.get("server") or ("127.0.0.1", 80)
+        result = await trials.run(proxy_url(str(host), int(port)), call)
+        log.info("console_test_call", uuid=result["uuid"], turns=len(result["turns"]))
+        return JSONResponse(result, headers=HEADERS)
 
     @router.get("/static/{name}")
     async def asset(name: str) -> Response:

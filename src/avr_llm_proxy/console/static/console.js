@@ -110,10 +110,59 @@ async function renderTimeline(uuid) {
   document.getElementById("timeline").replaceChildren(...call.events.map(entry));
 }
 
+async function placeTrial(form) {
+  const error = document.getElementById("trial-error");
+  const result = document.getElementById("trial-result");
+  error.hidden = true;
+  const data = new FormData(form);
+  const body = {
+    number: data.get("number"), name: data.get("name"), presentation: data.get("presentation"),
+    called: data.get("called"),
+    utterances: String(data.get("utterances")).split("\n").map((line) => line.trim()).filter((line) => line),
+  };
+  const button = form.querySelector("button");
+  button.disabled = true;
+  try {
+    const csrf = await (await fetch("/console/api/csrf", { credentials: "same-origin" })).json();
+    const answer = await fetch("/console/api/test-call", {
+      method: "POST", credentials: "same-origin", body: JSON.stringify(body),
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf.token },
+    });
+    const call = await answer.json();
+    if (!answer.ok) throw new Error(call.error || answer.statusText);
+    const turns = call.turns.map((turn, index) => {
+      const item = document.createElement("li");
+      const said = document.createElement("p");
+      said.className = "said";
+      said.textContent = "turn " + (index + 1) + ", caller: " + turn.said;
+      item.appendChild(said);
+      for (const sentence of turn.spoken) {
+        const spoken = document.createElement("p");
+        spoken.className = "spoken";
+        spoken.textContent = "bot: " + sentence;
+        item.appendChild(spoken);
+      }
+      return item;
+    });
+    document.getElementById("trial-turns").replaceChildren(...turns);
+    document.getElementById("trial-sent").textContent = call.api_received;
+    result.hidden = false;
+  } catch (failure) {
+    error.textContent = "Test call failed: " + failure.message;
+    error.hidden = false;
+  } finally {
+    button.disabled = false;
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   const page = document.body.dataset.page;
   if (page === "calls") {
     follow(renderCalls);
+    document.getElementById("trial-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      placeTrial(event.target);
+    });
   } else if (page === "call") {
     const uuid = decodeURIComponent(location.pathname.split("/").pop());
     let seen = null;
