@@ -348,6 +348,7 @@ class Turns:
             "at": round(time.time() - (time.perf_counter() - outcome.started), 3), "kind": "turn", "turn": turn.turn,
             "said": turn.message, "spoken": spoken, "status": status, "filler": outcome.filler,
             "latency_ms": round(outcome.upstream_ms, 1), "first_ms": outcome.first_ms, "worker": self._worker,
+            "elapsed_ms": round((time.perf_counter() - outcome.started) * 1000, 1),
         })
         if self._counting is None or self._counting.done():
             self._counting = asyncio.create_task(self._store_counts())

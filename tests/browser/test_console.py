@@ -194,3 +194,22 @@ async def test_test_call_panel_plays_the_real_path(page: Page, tmp_path: Path) -
     assert '"national": "******4321"' in sent and '"text": "mi pedido es ***3221"' in sent
     assert DIGITS not in sent and DIGITS not in html and "1043221" not in html
     assert [answer.status for answer in forged] == [403, 403] and len(api.received) == 2
+
+
+async def test_latency_chart_draws_the_last_hours_turns(page: Page, tmp_path: Path) -> None:
+    """The chart is inline SVG drawn by the page from /console/api/latency: the four series, with a point
+    for the minute the turns happened, counting them all."""
+    async with running_api() as api, running_proxy(make_settings(tmp_path, api_url=api.url)) as proxy:
+        for _ in range(3):
+            call = str(uuidlib.uuid4())
+            await register_caller(proxy.url, call, NUMBER, None, None, "json")
+            await play_call(proxy.url, call, ["hola", "gracias"])
+        await asyncio.sleep(0.5)  # turns reach the store in the background
+        await page.goto(f"{proxy.url}/console")
+        chart = page.locator("#chart svg")
+        await expect(chart).to_have_attribute("data-turns", "6")
+        lines = chart.locator("polyline")
+        await expect(lines).to_have_count(4)
+        points = [int(await line.get_attribute("data-points") or 0) for line in await lines.all()]
+        assert all(0 < count <= 2 for count in points)  # the minute of the turns (two, across a minute's turn)
+        await screenshot(page, "console-chart")

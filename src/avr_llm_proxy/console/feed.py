@@ -25,8 +25,17 @@ from ..stores import StoreError
 POLL_S = 0.5
 KEEP_ALIVE_S = 15.0
 MAX_ROWS = 50
+CHART_MINUTES = 60
+CHART_CALLS = 300  # the newest calls the latency chart reads the turns of
 # In what callers said: runs of 6 or more digits (an order or ID number, a phone number) are masked.
 SPOKEN_NUMBER = re.compile(r"\+?\d(?:[\s().-]?\d){5,}")
+
+
+def _percentile(values: list[float] | None, share: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(share * len(ordered)))], 2)
 
 
 class ConsoleFeed:
@@ -117,6 +126,29 @@ class ConsoleFeed:
         last = entries[-1] if entries else None
         self._tails[uuid] = (turns, last)
         return last
+
+    async def latency(self, now: float | None = None) -> dict[str, Any]:
+        """API latency and the proxy's added latency (a turn's time less the API's), p50 and p99 per minute
+        over the last hour, from the turns the store keeps of its newest calls, every worker's."""
+        now = time.time() if now is None else now
+        first = int(now // 60) - CHART_MINUTES + 1
+        api: dict[int, list[float]] = {}
+        added: dict[int, list[float]] = {}
+        for record, _ in await self.registry.newest(CHART_CALLS):
+            if (record.started_at or record.captured_at) < now - 2 * 3600:
+                continue
+            for entry in await self.registry.timeline(record.uuid):
+                minute = int(float(entry.get("at") or 0) // 60)
+                if entry.get("kind") != "turn" or minute < first or entry.get("status") == "superseded":
+                    continue
+                spent, waited = float(entry.get("elapsed_ms") or 0.0), float(entry.get("latency_ms") or 0.0)
+                api.setdefault(minute, []).append(waited)
+                added.setdefault(minute, []).append(max(0.0, spent - waited))
+        return {"first_minute": first * 60, "minutes": [
+            {"turns": len(api.get(minute, [])), "api_p50": _percentile(api.get(minute), 0.5),
+             "api_p99": _percentile(api.get(minute), 0.99), "added_p50": _percentile(added.get(minute), 0.5),
+             "added_p99": _percentile(added.get(minute), 0.99)}
+            for minute in range(first, first + CHART_MINUTES)]}
 
     async def timeline(self, uuid: str) -> dict[str, Any] | None:
         """One call's page: its marks and turns in order, what was said masked; None when unknown."""

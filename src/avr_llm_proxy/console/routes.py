@@ -126,6 +126,12 @@ def console_router(feed: ConsoleFeed, debug_token: str, csrf_key: bytes, trials:
             return JSONResponse({"error": "no such call"}, status_code=404, headers=HEADERS)
         return JSONResponse(timeline, headers=HEADERS)
 
+    @router.get("/api/latency")
+    async def latency(request: Request) -> Response:
+        if not allowed(request):
+            return refused(request, data=True)
+        return JSONResponse(await feed.latency(), headers=HEADERS)
+
     @router.get("/api/csrf")
     async def csrf_for_page(request: Request) -> Response:
         """The test-call form's token; a page of another origin cannot read it."""

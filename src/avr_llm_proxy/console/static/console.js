@@ -110,6 +110,45 @@ async function renderTimeline(uuid) {
   document.getElementById("timeline").replaceChildren(...call.events.map(entry));
 }
 
+const SVG = "http://www.w3.org/2000/svg";
+const SERIES = ["api_p50", "api_p99", "added_p50", "added_p99"];
+
+function svg(name, attributes, text) {
+  const element = document.createElementNS(SVG, name);
+  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, String(value));
+  if (text !== undefined) element.textContent = text;
+  return element;
+}
+
+function drawChart(data) {
+  const width = 720, height = 190, left = 52, right = 12, top = 10, bottom = 24;
+  const minutes = data.minutes;
+  let max = 1;
+  for (const minute of minutes) for (const key of SERIES) if (minute[key] !== null) max = Math.max(max, minute[key]);
+  const x = (index) => left + (index * (width - left - right)) / Math.max(1, minutes.length - 1);
+  const y = (value) => top + (height - top - bottom) * (1 - value / max);
+  const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, "data-turns": minutes.reduce((n, m) => n + m.turns, 0) });
+  chart.append(
+    svg("line", { class: "axis", x1: left, y1: y(0), x2: width - right, y2: y(0) }),
+    svg("line", { class: "axis", x1: left, y1: top, x2: left, y2: y(0) }),
+    svg("text", { x: left - 6, y: y(max) + 4, "text-anchor": "end" }, max.toFixed(max < 10 ? 1 : 0)),
+    svg("text", { x: left - 6, y: y(0) + 4, "text-anchor": "end" }, "0"),
+    svg("text", { x: left, y: height - 6 }, "-60 min"),
+    svg("text", { x: width - right, y: height - 6, "text-anchor": "end" }, "now"),
+  );
+  for (const key of SERIES) {
+    const points = minutes.map((minute, index) => minute[key] === null ? null : `${x(index)},${y(minute[key])}`)
+      .filter((point) => point !== null);
+    chart.appendChild(svg("polyline", { class: "line " + key, points: points.join(" "), "data-points": points.length }));
+  }
+  document.getElementById("chart").replaceChildren(chart);
+}
+
+async function refreshChart() {
+  const answer = await fetch("/console/api/latency", { credentials: "same-origin" });
+  if (answer.ok) drawChart(await answer.json());
+}
+
 async function placeTrial(form) {
   const error = document.getElementById("trial-error");
   const result = document.getElementById("trial-result");
@@ -159,6 +198,8 @@ document.addEventListener("DOMContentLoaded", () => {
   const page = document.body.dataset.page;
   if (page === "calls") {
     follow(renderCalls);
+    refreshChart();
+    setInterval(refreshChart, 10000);
     document.getElementById("trial-form").addEventListener("submit", (event) => {
       event.preventDefault();
       placeTrial(event.target);
