@@ -137,9 +137,12 @@ function drawChart(data) {
     svg("text", { x: width - right, y: height - 6, "text-anchor": "end" }, "now"),
   );
   for (const key of SERIES) {
-    const points = minutes.map((minute, index) => minute[key] === null ? null : `${x(index)},${y(minute[key])}`)
+    const points = minutes.map((minute, index) => minute[key] === null ? null : [x(index), y(minute[key])])
       .filter((point) => point !== null);
-    chart.appendChild(svg("polyline", { class: "line " + key, points: points.join(" "), "data-points": points.length }));
+    chart.appendChild(svg("polyline", { class: "line " + key, points: points.map((p) => p.join(",")).join(" "),
+                                        "data-points": points.length }));
+    // A dot per minute: a minute alone (a line of one point) shows too.
+    for (const [cx, cy] of points) chart.appendChild(svg("circle", { class: "dot " + key, cx, cy, r: 2.5 }));
   }
   document.getElementById("chart").replaceChildren(chart);
 }
