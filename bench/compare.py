@@ -7,7 +7,10 @@ A caller is registered for every call (a legacy caller file for the seed, POST /
 proxy does its full work. After each of our runs a short pass with the checking generator reads every
 reply the way avr-core does; a wrong turn fails the run.
 
-Usage: python bench/compare.py [--seconds 10] [--connections 50] [--workers 2]
+With --console, each of our runs is done twice, the second with an operator console open (a client
+reading GET /console/events for the whole run), to show what watching costs.
+
+Usage: python bench/compare.py [--seconds 10] [--connections 50] [--workers 2] [--console]
 The seed's proxy comes from ../shared/baseline/seed-node-proxy (SEED_DIR to point elsewhere); it is
 copied to a temporary folder and installed with `npm ci`. Without node or that folder it is skipped.
 """
@@ -15,6 +18,8 @@ copied to a temporary folder and installed with `npm ci`. Without node or that f
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.client
 import os
 import platform
 import re
@@ -22,7 +27,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid as uuidlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -57,6 +64,29 @@ async def register(port: int, calls: list[str]) -> None:
     await connection.close()
 
 
+@contextlib.contextmanager
+def console_open(port: int) -> Iterator[None]:
+    """A console page's event stream, read in a thread for as long as the block runs."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    connection.request("GET", "/console/events", headers={"Accept": "text/event-stream"})
+    response = connection.getresponse()
+    assert response.status == 200, f"/console/events answered {response.status}"
+
+    def read() -> None:
+        with contextlib.suppress(OSError, ValueError, http.client.HTTPException):  # closed under it at the end
+            while response.read1(65536):
+                pass
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        yield
+    finally:
+        if connection.sock is not None:
+            with contextlib.suppress(OSError):
+                connection.sock.shutdown(2)
+        connection.close()
+
+
 def drive(port: int, check: bool, uuids: Path, args: argparse.Namespace) -> tuple[float, float, float, int]:
     """Turns/s, p50, p99 (ms) and, with `check`, the turns avr-core would not have heard right."""
     if shutil.which("wrk"):
@@ -76,6 +106,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--console", action="store_true", help="also run ours with a console page open")
     args = parser.parse_args()
     rows: list[tuple[str, float, float, float, int]] = []
     with tempfile.TemporaryDirectory() as workdir:
@@ -110,13 +141,16 @@ def main() -> int:
                 with started([sys.executable, "-m", "avr_llm_proxy", "serve", *extra], port, env, workdir):
                     uvloop.run(register(port, calls))
                     rows.append((label, *drive(port, True, uuids, args)))
+                    if args.console:
+                        with console_open(port):
+                            rows.append((f"{label}, console open", *drive(port, True, uuids, args)))
     seed = next((row[1] for row in rows if row[0] == "seed Node proxy"), None)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"load: {'wrk' if shutil.which('wrk') else 'asyncio generator'}, {args.connections} connections")
-    print(f"{'target':<34} {'turns/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs seed':>8} {'wrong':>6}")
+    print(f"{'target':<44} {'turns/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs seed':>8} {'wrong':>6}")
     for label, rate, p50, p99, wrong in rows:
         ratio = f"{rate / seed:.2f}x" if seed and "proxy" in label else ""
-        print(f"{label:<34} {rate:>9.0f} {p50:>8.2f} {p99:>8.2f} {ratio:>8} {wrong:>6}")
+        print(f"{label:<44} {rate:>9.0f} {p50:>8.2f} {p99:>8.2f} {ratio:>8} {wrong:>6}")
     return 1 if any(row[4] for row in rows) else 0
 
 

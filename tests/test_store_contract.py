@@ -160,28 +160,31 @@ class TestStoreContract:
         assert await store.count("k", 0) == 0
 
     async def test_list_lives_and_goes_with_its_value(self, store: Store) -> None:
-        """Entries are kept beside a live value only, in order, the newest `keep`; they survive a
-        replacement and a longer expiry, and go with a delete, an erasure or the expiry."""
-        assert await store.append("k", [b"lost"]) is False and await store.entries("k") == []
+        """Entries are kept beside a live value only, in order, the newest `keep`, several keys at once;
+        they survive a replacement and a longer expiry, and go with a delete, an erasure or the expiry."""
+        assert await store.append({"k": [b"lost"]}) == set() and await store.entries("k") == []
         await store.put("k", b"v", time.time() + 60, "t")
-        assert await store.append("k", [b"1", b"2"]) and await store.append("k", [b"3"])
-        assert await store.entries("k") == [b"1", b"2", b"3"]
-        assert await store.append("k", [b"4", b"5"], keep=3)
+        await store.put("j", b"v", time.time() + 60)
+        assert await store.append({"k": [b"1", b"2"], "j": [b"x"], "none": [b"y"]}) == {"k", "j"}
+        assert await store.append({"k": [b"3"]}) == {"k"}
+        assert await store.entries("k") == [b"1", b"2", b"3"] and await store.entries("j") == [b"x"]
+        assert await store.entries("k", newest=2) == [b"2", b"3"] and await store.entries("none") == []
+        await store.append({"k": [b"4", b"5"]}, keep=3)
         assert await store.entries("k") == [b"3", b"4", b"5"]
         await store.put("k", b"w", time.time() + 60, "t")
         assert await store.swap("k", b"w", b"x", time.time() + 120, "t")
         assert await store.entries("k") == [b"3", b"4", b"5"]
         await store.delete("k")
-        assert await store.entries("k") == []
+        assert await store.entries("k") == [] and await store.entries("j") == [b"x"]
         await store.put("k", b"v", time.time() + 60, "t")
         assert await store.entries("k") == []
-        await store.append("k", [b"a"])
+        await store.append({"k": [b"a"]})
         await store.delete_tagged("t")
         assert await store.entries("k") == []
         await store.put("k", b"v", time.time() + 0.05)
-        await store.append("k", [b"a"])
+        await store.append({"k": [b"a"]})
         await asyncio.sleep(0.1)
-        assert await store.entries("k") == [] and await store.append("k", [b"b"]) is False
+        assert await store.entries("k") == [] and await store.append({"k": [b"b"]}) == set()
         await store.purge_expired(time.time())
         await store.put("k", b"v", time.time() + 60)
         assert await store.entries("k") == []

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -456,18 +456,20 @@ class CallRegistry:
         """More turns answered on this call, counted in the store whatever process answered them."""
         return await self.store.count(uuid, turns)
 
-    async def note(self, uuid: str, entries: Sequence[dict[str, Any]]) -> bool:
-        """Add entries (turns, events) to the call's timeline, sealed like its record; False when the
-        call has no record (nothing to attach them to)."""
-        data = [orjson.dumps(entry) for entry in entries]
-        if self.sealer is not None:
-            data = [self.sealer.seal(item) for item in data]
-        return await self.store.append(uuid, data)
+    async def note(self, entries: Mapping[str, Sequence[dict[str, Any]]]) -> set[str]:
+        """Add entries (turns) to calls' timelines, sealed like their records, all in one store operation;
+        returns the calls that had a record (the others' entries had nothing to attach to)."""
+        sealed = {}
+        for uuid, items in entries.items():
+            data = [orjson.dumps(item) for item in items]
+            sealed[uuid] = [self.sealer.seal(item) for item in data] if self.sealer is not None else data
+        return await self.store.append(sealed)
 
-    async def timeline(self, uuid: str) -> list[dict[str, Any]]:
-        """The call's timeline, oldest first; entries that cannot be opened (a lost key) are skipped."""
+    async def timeline(self, uuid: str, newest: int | None = None) -> list[dict[str, Any]]:
+        """The call's timeline, oldest first (its `newest` last entries when given); entries that cannot
+        be opened (a lost key) are skipped."""
         entries = []
-        for data in await self.store.entries(uuid):
+        for data in await self.store.entries(uuid, newest):
             with contextlib.suppress(ValueError, SealError):
                 entry = orjson.loads(self.sealer.open(data) if self.sealer else data)
                 if isinstance(entry, dict):

@@ -359,7 +359,7 @@ class Turns:
             counts, self._uncounted = self._uncounted, {}
             notes, self._unnoted = self._unnoted, {}
             await asyncio.gather(*(self._store_count(uuid, turns) for uuid, turns in counts.items()),
-                                 *(self._store_notes(uuid, entries) for uuid, entries in notes.items()))
+                                 self._store_notes(notes))
 
     async def _store_count(self, uuid: str, turns: int) -> None:
         try:
@@ -367,11 +367,11 @@ class Turns:
         except StoreError as exc:
             log.info("turn_count_not_stored", uuid=uuid, turns=turns, reason=str(exc))
 
-    async def _store_notes(self, uuid: str, entries: list[dict[str, Any]]) -> None:
+    async def _store_notes(self, notes: dict[str, list[dict[str, Any]]]) -> None:
         try:
-            await self.registry.note(uuid, entries)
+            await self.registry.note(notes)
         except StoreError as exc:
-            log.info("timeline_not_stored", uuid=uuid, turns=len(entries), reason=str(exc))
+            log.info("timeline_not_stored", calls=len(notes), reason=str(exc))
 
     def _note_history(self, record: CallRecord) -> None:
         """A capture: note the call in its caller's history now, so its first turn finds it in the record."""

@@ -26,7 +26,8 @@ POLL_S = 0.5
 KEEP_ALIVE_S = 15.0
 MAX_ROWS = 50
 CHART_MINUTES = 60
-CHART_CALLS = 300  # the newest calls the latency chart reads the turns of
+CHART_CALLS = 300  # the newest calls the latency chart reads the turns of,
+CHART_TURNS = 120  # their newest turns at most
 # In what callers said: runs of 6 or more digits (an order or ID number, a phone number) are masked.
 SPOKEN_NUMBER = re.compile(r"\+?\d(?:[\s().-]?\d){5,}")
 
@@ -122,7 +123,7 @@ class ConsoleFeed:
         known = self._tails.get(uuid)
         if known is not None and known[0] == turns:
             return known[1]
-        entries = [entry for entry in await self.registry.timeline(uuid) if entry.get("kind") == "turn"]
+        entries = await self.registry.timeline(uuid, newest=1)  # every entry is a turn
         last = entries[-1] if entries else None
         self._tails[uuid] = (turns, last)
         return last
@@ -137,7 +138,7 @@ class ConsoleFeed:
         for record, _ in await self.registry.newest(CHART_CALLS):
             if (record.started_at or record.captured_at) < now - 2 * 3600:
                 continue
-            for entry in await self.registry.timeline(record.uuid):
+            for entry in await self.registry.timeline(record.uuid, newest=CHART_TURNS):
                 minute = int(float(entry.get("at") or 0) // 60)
                 if entry.get("kind") != "turn" or minute < first or entry.get("status") == "superseded":
                     continue

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 # What `listen`'s callback may get besides a key: "-" + key (erased), TAG_ERASED + tag (every key of a tag).
@@ -77,13 +77,15 @@ class Store(Protocol):
         """
         ...
 
-    async def append(self, key: str, entries: Sequence[bytes], keep: int = MAX_ENTRIES) -> bool:
-        """Add `entries` to the list beside a live value (its newest `keep` stay); False when there is no
-        live value. The list lives and goes with its value, like the counter."""
+    async def append(self, lists: Mapping[str, Sequence[bytes]], keep: int = MAX_ENTRIES) -> set[str]:
+        """Add entries to the lists beside live values, several keys in one operation (the newest `keep`
+        of each stay); returns the keys that had a live value. A list lives and goes with its value,
+        like the counter."""
         ...
 
-    async def entries(self, key: str) -> list[bytes]:
-        """The list beside a live value, oldest first; empty when there is none."""
+    async def entries(self, key: str, newest: int | None = None) -> list[bytes]:
+        """The list beside a live value, oldest first (only its `newest` last entries when given);
+        empty when there is none."""
         ...
 
     async def note_call(self, tag: str, key: str, at: float, keep_until: float,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from . import ERASURE_KEPT_S, MAX_ENTRIES, NO_HISTORY, HistoryRow
 
@@ -73,16 +73,22 @@ class MemoryStore:
         self._counts.pop(key, None)
         self._lists.pop(key, None)
 
-    async def append(self, key: str, entries: Sequence[bytes], keep: int = MAX_ENTRIES) -> bool:
-        if await self.get(key) is None:
-            return False
-        kept = self._lists.setdefault(key, [])
-        kept.extend(entries)
-        del kept[:-keep]
-        return True
+    async def append(self, lists: Mapping[str, Sequence[bytes]], keep: int = MAX_ENTRIES) -> set[str]:
+        appended = set()
+        for key, entries in lists.items():
+            if await self.get(key) is None:
+                continue
+            kept = self._lists.setdefault(key, [])
+            kept.extend(entries)
+            del kept[:-keep]
+            appended.add(key)
+        return appended
 
-    async def entries(self, key: str) -> list[bytes]:
-        return list(self._lists.get(key, ())) if await self.get(key) is not None else []
+    async def entries(self, key: str, newest: int | None = None) -> list[bytes]:
+        if await self.get(key) is None:
+            return []
+        kept = self._lists.get(key, [])
+        return list(kept if newest is None else kept[-newest:])
 
     async def note_call(self, tag: str, key: str, at: float, keep_until: float,
                         seen_until: float) -> HistoryRow | None:

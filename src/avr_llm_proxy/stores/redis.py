@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 import redis.asyncio as aioredis
 import structlog
@@ -277,15 +277,20 @@ class RedisStore:
             counted = await self._count(keys=[CALL + key, COUNT + key], args=[by])
         return None if counted is None else int(counted)
 
-    async def append(self, key: str, entries: Sequence[bytes], keep: int = MAX_ENTRIES) -> bool:
+    async def append(self, lists: Mapping[str, Sequence[bytes]], keep: int = MAX_ENTRIES) -> set[str]:
+        keys = list(lists)
         async with self._answered("append"):
-            return bool(await self._append(keys=[CALL + key, TIMELINE + key], args=[keep, *entries]))
+            async with self._client.pipeline(transaction=False) as together:  # one round trip for them all
+                for key in keys:
+                    await self._append(keys=[CALL + key, TIMELINE + key], args=[keep, *lists[key]], client=together)
+                done = await together.execute()
+        return {key for key, appended in zip(keys, done, strict=True) if appended}
 
-    async def entries(self, key: str) -> list[bytes]:
+    async def entries(self, key: str, newest: int | None = None) -> list[bytes]:
         async with self._answered("read"):
             async with self._client.pipeline(transaction=False) as both:
                 both.exists(CALL + key)
-                both.lrange(TIMELINE + key, 0, -1)
+                both.lrange(TIMELINE + key, 0 if newest is None else -newest, -1)
                 live, values = await both.execute()
         return [_bytes(value) for value in values] if live else []
 

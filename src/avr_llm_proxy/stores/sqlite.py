@@ -17,7 +17,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -337,28 +337,31 @@ class SqliteStore:
         result: int | None = await self._steps(counted)
         return result
 
-    async def append(self, key: str, entries: Sequence[bytes], keep: int = MAX_ENTRIES) -> bool:
-        def appended(conn: sqlite3.Connection) -> bool:
-            if conn.execute("SELECT 1 FROM calls WHERE key = ? AND expires_at > ?", (key, time.time())).fetchone() \
-                    is None:
-                return False
-            last = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM timeline WHERE key = ?", (key,)).fetchone()[0])
-            conn.executemany("INSERT INTO timeline (key, seq, value) VALUES (?, ?, ?)",
-                             [(key, last + n, value) for n, value in enumerate(entries, 1)])
-            conn.execute("DELETE FROM timeline WHERE key = ? AND seq <= ?", (key, last + len(entries) - keep))
-            return True
+    async def append(self, lists: Mapping[str, Sequence[bytes]], keep: int = MAX_ENTRIES) -> set[str]:
+        def appended(conn: sqlite3.Connection) -> set[str]:
+            done, now = set(), time.time()
+            for key, entries in lists.items():
+                if conn.execute("SELECT 1 FROM calls WHERE key = ? AND expires_at > ?", (key, now)).fetchone() is None:
+                    continue
+                last = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM timeline WHERE key = ?",
+                                        (key,)).fetchone()[0])
+                conn.executemany("INSERT INTO timeline (key, seq, value) VALUES (?, ?, ?)",
+                                 [(key, last + n, value) for n, value in enumerate(entries, 1)])
+                conn.execute("DELETE FROM timeline WHERE key = ? AND seq <= ?", (key, last + len(entries) - keep))
+                done.add(key)
+            return done
 
-        result: bool = await self._steps(appended)
+        result: set[str] = await self._steps(appended)
         return result
 
-    async def entries(self, key: str) -> list[bytes]:
+    async def entries(self, key: str, newest: int | None = None) -> list[bytes]:
         try:
             rows = self._reader.execute(
                 "SELECT t.value FROM timeline t JOIN calls c ON c.key = t.key WHERE t.key = ? AND c.expires_at > ? "
-                "ORDER BY t.seq", (key, time.time())).fetchall()
+                "ORDER BY t.seq DESC LIMIT ?", (key, time.time(), -1 if newest is None else newest)).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite read failed: {exc}") from exc
-        return [bytes(row[0]) for row in rows]
+        return [bytes(row[0]) for row in reversed(rows)]
 
     async def delete(self, key: str) -> bool:
         await self._write("DELETE FROM timeline WHERE key = ?", (key,), None, notify=False)
