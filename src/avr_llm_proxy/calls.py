@@ -457,23 +457,24 @@ class CallRegistry:
         return await self.store.count(uuid, turns)
 
     async def note(self, entries: Mapping[str, Sequence[dict[str, Any]]]) -> set[str]:
-        """Add entries (turns) to calls' timelines, sealed like their records, all in one store operation;
-        returns the calls that had a record (the others' entries had nothing to attach to)."""
-        sealed = {}
-        for uuid, items in entries.items():
-            data = [orjson.dumps(item) for item in items]
-            sealed[uuid] = [self.sealer.seal(item) for item in data] if self.sealer is not None else data
-        return await self.store.append(sealed)
+        """Add entries (turns) to calls' timelines, all in one store operation; returns the calls that had a
+        record (the others' entries had nothing to attach to). A call's entries of one batch are one
+        item in the store, sealed like the record: at saturation a call gets several turns a batch,
+        and each sealed, stored item costs the turns' path its share of the process."""
+        items = {}
+        for uuid, batch in entries.items():
+            data = orjson.dumps(list(batch))
+            items[uuid] = [self.sealer.seal(data) if self.sealer is not None else data]
+        return await self.store.append(items)
 
     async def timeline(self, uuid: str, newest: int | None = None) -> list[dict[str, Any]]:
-        """The call's timeline, oldest first (its `newest` last entries when given); entries that cannot
-        be opened (a lost key) are skipped."""
-        entries = []
+        """The call's timeline, oldest first (at least its `newest` last entries when given); items that
+        cannot be opened (a lost key) are skipped."""
+        entries: list[dict[str, Any]] = []
         for data in await self.store.entries(uuid, newest):
             with contextlib.suppress(ValueError, SealError):
-                entry = orjson.loads(self.sealer.open(data) if self.sealer else data)
-                if isinstance(entry, dict):
-                    entries.append(entry)
+                batch = orjson.loads(self.sealer.open(data) if self.sealer else data)
+                entries += [entry for entry in batch if isinstance(entry, dict)] if isinstance(batch, list) else []
         return entries
 
     async def turns(self, uuid: str) -> int:

@@ -12,7 +12,7 @@ ERASURE_KEPT_S = 7 * 86400
 # The default deadline of one store operation (STORE_TIMEOUT_MS): a store that stops answering must
 # not keep a caller in silence; a capture that misses it is logged and Asterisk goes on.
 DEADLINE_S = 1.0
-# How many entries the list beside a value keeps at most (a call's timeline: its turns and events).
+# How many items the list beside a value keeps at most (a call's timeline: batches of its turns).
 MAX_ENTRIES = 500
 
 # What a store knows of a number's calls before one of them: how many, the first's and the last's
