@@ -13,7 +13,7 @@ import redis
 
 from avr_llm_proxy.calls import CallRecord, CallRegistry
 from avr_llm_proxy.identity import parse_caller
-from avr_llm_proxy.stores import Store, StoreError, open_store
+from avr_llm_proxy.stores import MAX_ENTRIES, Store, StoreError, open_store
 from avr_llm_proxy.stores.memory import MemoryStore
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -160,7 +160,7 @@ class TestStoreContract:
         assert await store.count("k", 0) == 0
 
     async def test_list_lives_and_goes_with_its_value(self, store: Store) -> None:
-        """Entries are kept beside a live value only, in order, the newest `keep`, several keys at once;
+        """Entries are kept beside a live value only, in order, the newest MAX_ENTRIES, several keys at once;
         they survive a replacement and a longer expiry, and go with a delete, an erasure or the expiry."""
         assert await store.append({"k": [b"lost"]}) == set() and await store.entries("k") == []
         await store.put("k", b"v", time.time() + 60, "t")
@@ -169,11 +169,13 @@ class TestStoreContract:
         assert await store.append({"k": [b"3"]}) == {"k"}
         assert await store.entries("k") == [b"1", b"2", b"3"] and await store.entries("j") == [b"x"]
         assert await store.entries("k", newest=2) == [b"2", b"3"] and await store.entries("none") == []
-        await store.append({"k": [b"4", b"5"]}, keep=3)
-        assert await store.entries("k") == [b"3", b"4", b"5"]
+        many = [str(n).encode() for n in range(4, MAX_ENTRIES + 6)]
+        await store.append({"k": many})
+        kept = await store.entries("k")
+        assert len(kept) == MAX_ENTRIES and kept[0] == b"6" and kept[-1] == many[-1]
         await store.put("k", b"w", time.time() + 60, "t")
         assert await store.swap("k", b"w", b"x", time.time() + 120, "t")
-        assert await store.entries("k") == [b"3", b"4", b"5"]
+        assert await store.entries("k") == kept
         await store.delete("k")
         assert await store.entries("k") == [] and await store.entries("j") == [b"x"]
         await store.put("k", b"v", time.time() + 60, "t")

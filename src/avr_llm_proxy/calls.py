@@ -456,14 +456,14 @@ class CallRegistry:
         """More turns answered on this call, counted in the store whatever process answered them."""
         return await self.store.count(uuid, turns)
 
-    async def note(self, entries: Mapping[str, Sequence[dict[str, Any]]]) -> set[str]:
-        """Add entries (turns) to calls' timelines, all in one store operation; returns the calls that had a
-        record (the others' entries had nothing to attach to). A call's entries of one batch are one
-        item in the store, sealed like the record: at saturation a call gets several turns a batch,
-        and each sealed, stored item costs the turns' path its share of the process."""
+    async def note(self, entries: Mapping[str, Sequence[bytes]]) -> set[str]:
+        """Add entries (each a JSON object) to calls' timelines, all in one store operation; returns the
+        calls that had a record (the others' entries had nothing to attach to). A call's entries of one
+        batch are one item in the store, sealed like the record: at saturation a call gets several turns
+        a batch, and each sealed, stored item costs the turns' path its share of the process."""
         items = {}
         for uuid, batch in entries.items():
-            data = orjson.dumps(list(batch))
+            data = b"[" + b",".join(batch) + b"]"
             items[uuid] = [self.sealer.seal(data) if self.sealer is not None else data]
         return await self.store.append(items)
 

@@ -77,10 +77,10 @@ class Store(Protocol):
         """
         ...
 
-    async def append(self, lists: Mapping[str, Sequence[bytes]], keep: int = MAX_ENTRIES) -> set[str]:
-        """Add entries to the lists beside live values, several keys in one operation (the newest `keep`
-        of each stay); returns the keys that had a live value. A list lives and goes with its value,
-        like the counter."""
+    async def append(self, lists: Mapping[str, Sequence[bytes]]) -> set[str]:
+        """Add entries to the lists beside live values, several keys in one operation (the newest
+        MAX_ENTRIES of each stay); returns the keys that had a live value. A list lives and goes with
+        its value, like the counter."""
         ...
 
     async def entries(self, key: str, newest: int | None = None) -> list[bytes]:

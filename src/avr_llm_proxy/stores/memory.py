@@ -73,14 +73,14 @@ class MemoryStore:
         self._counts.pop(key, None)
         self._lists.pop(key, None)
 
-    async def append(self, lists: Mapping[str, Sequence[bytes]], keep: int = MAX_ENTRIES) -> set[str]:
+    async def append(self, lists: Mapping[str, Sequence[bytes]]) -> set[str]:
         appended = set()
         for key, entries in lists.items():
             if await self.get(key) is None:
                 continue
             kept = self._lists.setdefault(key, [])
             kept.extend(entries)
-            del kept[:-keep]
+            del kept[:-MAX_ENTRIES]
             appended.add(key)
         return appended
 

@@ -277,12 +277,13 @@ class RedisStore:
             counted = await self._count(keys=[CALL + key, COUNT + key], args=[by])
         return None if counted is None else int(counted)
 
-    async def append(self, lists: Mapping[str, Sequence[bytes]], keep: int = MAX_ENTRIES) -> set[str]:
+    async def append(self, lists: Mapping[str, Sequence[bytes]]) -> set[str]:
         keys = list(lists)
         async with self._answered("append"):
             async with self._client.pipeline(transaction=False) as together:  # one round trip for them all
                 for key in keys:
-                    await self._append(keys=[CALL + key, TIMELINE + key], args=[keep, *lists[key]], client=together)
+                    await self._append(keys=[CALL + key, TIMELINE + key], args=[MAX_ENTRIES, *lists[key]],
+                                       client=together)
                 done = await together.execute()
         return {key for key, appended in zip(keys, done, strict=True) if appended}
 

@@ -29,6 +29,7 @@ from .stamps import ChangeStamps
 
 log = structlog.get_logger("avr_llm_proxy.stores.sqlite")
 MAX_BATCH = 64  # writes committed in one transaction at most
+TRIM_EVERY = 64  # a list past MAX_ENTRIES is trimmed when its length crosses a multiple of this
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -337,28 +338,39 @@ class SqliteStore:
         result: int | None = await self._steps(counted)
         return result
 
-    async def append(self, lists: Mapping[str, Sequence[bytes]], keep: int = MAX_ENTRIES) -> set[str]:
-        def appended(conn: sqlite3.Connection) -> set[str]:
-            done, now = set(), time.time()
-            for key, entries in lists.items():
-                if conn.execute("SELECT 1 FROM calls WHERE key = ? AND expires_at > ?", (key, now)).fetchone() is None:
-                    continue
-                last = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM timeline WHERE key = ?",
-                                        (key,)).fetchone()[0])
-                conn.executemany("INSERT INTO timeline (key, seq, value) VALUES (?, ?, ?)",
-                                 [(key, last + n, value) for n, value in enumerate(entries, 1)])
-                conn.execute("DELETE FROM timeline WHERE key = ? AND seq <= ?", (key, last + len(entries) - keep))
-                done.add(key)
-            return done
+    async def append(self, lists: Mapping[str, Sequence[bytes]]) -> set[str]:
+        keys = list(lists)
 
+        def appended(conn: sqlite3.Connection) -> set[str]:
+            # A few statements for all the keys: at saturation a batch holds a few hundred calls.
+            marks = ",".join("?" * len(keys))
+            live = {row[0] for row in conn.execute(
+                f"SELECT key FROM calls WHERE key IN ({marks}) AND expires_at > ?", (*keys, time.time()))}
+            last = dict(conn.execute(
+                f"SELECT key, MAX(seq) FROM timeline WHERE key IN ({marks}) GROUP BY key", keys).fetchall())
+            rows, trims = [], []
+            for key in live:
+                before = int(last.get(key) or 0)
+                rows += [(key, before + n, value) for n, value in enumerate(lists[key], 1)]
+                after = before + len(lists[key])
+                if after > MAX_ENTRIES and after // TRIM_EVERY != before // TRIM_EVERY:  # now and then only
+                    trims.append((key, after - MAX_ENTRIES))
+            conn.executemany("INSERT INTO timeline (key, seq, value) VALUES (?, ?, ?)", rows)
+            conn.executemany("DELETE FROM timeline WHERE key = ? AND seq <= ?", trims)
+            return live
+
+        if not keys:
+            return set()
         result: set[str] = await self._steps(appended)
         return result
 
     async def entries(self, key: str, newest: int | None = None) -> list[bytes]:
+        # Past MAX_ENTRIES until the next trim: the newest MAX_ENTRIES are what the list holds.
+        limit = min(MAX_ENTRIES, newest) if newest is not None else MAX_ENTRIES
         try:
             rows = self._reader.execute(
                 "SELECT t.value FROM timeline t JOIN calls c ON c.key = t.key WHERE t.key = ? AND c.expires_at > ? "
-                "ORDER BY t.seq DESC LIMIT ?", (key, time.time(), -1 if newest is None else newest)).fetchall()
+                "ORDER BY t.seq DESC LIMIT ?", (key, time.time(), limit)).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite read failed: {exc}") from exc
         return [bytes(row[0]) for row in reversed(rows)]
