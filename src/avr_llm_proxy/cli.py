@@ -258,7 +258,7 @@ def calls(args: argparse.Namespace) -> int:
           f"{'called':<12}  {'started':<8}  {'ended':<8}  {'turns':>5}  action")
     for record, turns in records:
         caller = record.caller
-        number = redact(caller.log_number) if caller.loggable_number else caller.log_number
+        number = caller.shown(redact)
         print(f"{record.uuid:<36}  {when(record.captured_at):<8}  {number:<16}  {caller.presentation:<11}  "
               f"{caller.source:<8}  {record.called_number or '-':<12}  {when(record.started_at):<8}  "
               f"{when(record.ended_at):<8}  {turns:>5}  {describe(record.action)}")

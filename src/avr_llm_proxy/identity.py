@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -71,6 +72,11 @@ class CallerId:
     def log_number(self) -> str:
         """The value a log line or /debug shows (redacted later): the number, or its placeholder."""
         return self.loggable_number or self.caller_number("raw")
+
+    def shown(self, redact: Callable[[str], str]) -> str:
+        """What an operator's view shows (`calls`, /debug, the console): the number as LOG_NUMBERS
+        redacts it, or its placeholder (`anonymous`, `unknown`) as it is."""
+        return redact(self.log_number) if self.loggable_number else self.log_number
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -89,13 +89,15 @@ class _Outcome:
     speak: Speak
     started: float
     status: str = ""
-    sentences: int = 0
     first_ms: float | None = None
     upstream_ms: float = 0.0
-    spoken_chars: int = 0  # of the answer's sentences: how long a call action waits for them to be said
-    texts: list[str] = field(default_factory=list)  # the answer's sentences, for the call's timeline
+    texts: list[str] = field(default_factory=list)  # the answer's sentences: the timeline, a call action's wait
     filler: bool = False
     ended: bool = False
+
+    @property
+    def sentences(self) -> int:
+        return len(self.texts)
 
     async def say(self, frames: Sequence[bytes], last: bool = False) -> None:
         if not self.ended:
@@ -107,8 +109,6 @@ class _Outcome:
         if texts and self.first_ms is None:
             self.first_ms = round((time.perf_counter() - self.started) * 1000, 1)
             FIRST_SENTENCE.observe(self.first_ms / 1000)
-        self.sentences += len(texts)
-        self.spoken_chars += sum(map(len, texts))
         self.texts.extend(texts)
         await self.say([frame(text) for text in texts], last)
 
@@ -273,7 +273,7 @@ class Turns:
             breaker.success()  # before the answer's end: whoever asks next sees the circuit as it is
             await outcome.answer(texts, last=True)
             if info.action is not None and self.control is not None:
-                self.control.request(request.uuid, info.action, outcome.spoken_chars)
+                self.control.request(request.uuid, info.action, sum(map(len, outcome.texts)))
             outcome.status = str(info.status or "ok")
             UPSTREAM_LATENCY.labels(outcome="ok").observe(outcome.upstream_ms / 1000)
             TURNS.labels(outcome="answered").inc()

@@ -53,8 +53,7 @@ class ConsoleFeed:
         self._counted: tuple[float, int] | None = None  # when, and the turns of all calls then
 
     def number(self, record: CallRecord) -> str:
-        caller = record.caller
-        return self.redact(caller.log_number) if caller.loggable_number else caller.log_number
+        return record.caller.shown(self.redact)
 
     def spoken(self, text: str) -> str:
         return scrub_text(text, self.redact, SPOKEN_NUMBER)
