@@ -211,7 +211,7 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
         calls = [{"uuid": row["uuid"], "caller_number": row["number"], "presentation": row["presentation"],
                   "source": row["source"], "turns": row["turns"], "status": row["status"],
                   "last_status": row["last_status"], "last_latency_ms": row["latency_ms"],
-                  "last_turn_at": row["last_turn_at"], "action": None if row["action"] == "-" else row["action"]}
+                  "last_turn_at": row["last_turn_at"], "action": row["action"]}
                  for row in await console.rows()]
         return JSONResponse({"upstream": {"name": upstream.name, "circuit": upstream.breaker.describe()},
                              "calls": calls})

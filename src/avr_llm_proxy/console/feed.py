@@ -114,7 +114,8 @@ class ConsoleFeed:
             "source": record.caller.source, "called": record.called_number, "turns": turns,
             "latency_ms": last.get("latency_ms") if last else None, "status": status,
             "last_status": last.get("status") if last else None, "last_turn_at": last.get("at") if last else None,
-            "started_at": record.started_at or record.captured_at, "action": describe(record.action),
+            "started_at": record.started_at or record.captured_at,
+            "action": describe(record.action) if record.action else None,
         }
 
     async def _last_turn(self, uuid: str, turns: int) -> dict[str, Any] | None:

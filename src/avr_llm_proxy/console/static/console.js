@@ -41,7 +41,7 @@ function renderCalls(table) {
     cell(row, call.turns, "num turns");
     cell(row, call.latency_ms === null ? null : call.latency_ms.toFixed(1) + " ms", "num");
     cell(row, call.status, "status status-" + call.status);
-    cell(row, call.action === "-" ? null : call.action);
+    cell(row, call.action);
     cell(row, clock(call.started_at));
     return row;
   });
