@@ -178,7 +178,7 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
                                       lifecycle, settings.webhook_secret))
 
     console = ConsoleFeed(registry, redact, upstream.breaker.describe)
-    trials = TrialCalls(registry, turns.request, redact, settings.capture_token)
+    trials = TrialCalls(registry, turns.request, console.spoken, settings.capture_token)
     app.include_router(console_router(console, settings.debug_token, keys.hash_key, trials))
 
     @app.get("/healthz", summary="The process is up")

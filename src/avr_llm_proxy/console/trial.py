@@ -16,10 +16,8 @@ import orjson
 
 from ..avr import AvrTurn
 from ..calls import CallRecord, CallRegistry
-from ..privacy import scrub_text
 from ..simulate import new_call_uuid, play_call, register_caller
 from ..upstream import UpstreamRequest, build_payload
-from .feed import SPOKEN_NUMBER
 
 MAX_UTTERANCES, MAX_CHARS = 10, 500
 # Payload fields that hold no caller data: the call's identifiers, the bot's number, the dialled DID.
@@ -68,10 +66,10 @@ class TrialCalls:
     """Places test calls on this proxy and reports them masked, as the console shows everything."""
 
     def __init__(self, registry: CallRegistry, ask: Callable[[AvrTurn, CallRecord | None], UpstreamRequest],
-                 redact: Callable[[str], str], capture_token: str = "") -> None:
+                 masked: Callable[[str], str], capture_token: str = "") -> None:
         self.registry = registry
         self.ask = ask
-        self.redact = redact
+        self.masked = masked  # the console's masking of numbers in what was said
         self.capture_token = capture_token
 
     async def run(self, base_url: str, call: TrialCall) -> dict[str, Any]:
@@ -85,8 +83,7 @@ class TrialCalls:
         sent = self._masked(build_payload(self.ask(turn, record)))
         return {
             "uuid": uuid, "captured": captured.status,
-            "turns": [{"said": scrub_text(turn.said, self.redact, SPOKEN_NUMBER),
-                       "spoken": [scrub_text(text, self.redact, SPOKEN_NUMBER) for text in turn.sentences],
+            "turns": [{"said": self.masked(turn.said), "spoken": [self.masked(text) for text in turn.sentences],
                        "problems": turn.problems} for turn in heard],
             "api_received": orjson.dumps(sent, option=orjson.OPT_INDENT_2).decode(),
         }
@@ -99,5 +96,5 @@ class TrialCalls:
         if isinstance(value, list):
             return [self._masked(item, key) for item in value]
         if isinstance(value, str) and key not in KEPT:
-            return scrub_text(value, self.redact, SPOKEN_NUMBER)
+            return self.masked(value)
         return value
