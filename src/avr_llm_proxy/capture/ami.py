@@ -228,7 +228,7 @@ class AmiListener:
         self.tracker = CallTracker()
         try:
             writer.write(action_bytes({"Action": "Login", "ActionID": "login", "Username": self.endpoint.username,
-                                  "Secret": self.endpoint.secret, "Events": "on"}))
+                                       "Secret": self.endpoint.secret, "Events": "on"}))
             await writer.drain()
             while True:
                 try:
@@ -320,7 +320,7 @@ class AmiListener:
         waiter: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._pending[action_id] = waiter
         writer.write(action_bytes({"Action": "Getvar", "ActionID": action_id, "Channel": channel,
-                              "Variable": variable}))
+                                   "Variable": variable}))
         try:
             async with asyncio.timeout(self.answer_wait):
                 return await waiter
