@@ -408,7 +408,7 @@ async def test_recapture_keeps_the_calls_lifecycle_and_called_number(store: Stor
     registry = CallRegistry(store, 3600)
     await registry.put(capture("allowed_not_screened"))
     await registry.change(UUID, lambda current: dataclasses.replace(current, started_at=1000.0, ended_at=2000.0))
-    await registry.count_turn(UUID)
+    await registry.note({}, {UUID: 1})
     again = await registry.put(capture("allowed_not_screened", "+34612345678", source="agi", called=None))
     found = await from_store(registry)
     for seen in (again, found):
@@ -428,7 +428,7 @@ async def test_capture_after_the_record_expired_or_was_forgotten_is_a_first_capt
     assert first.caller.presentation == "allowed" and first.caller.e164 == "+593987654321"
     await registry.put(capture("prohib"))
     await registry.change(UUID, lambda current: dataclasses.replace(current, started_at=1000.0))
-    await registry.count_turn(UUID)
+    await registry.note({}, {UUID: 1})
     assert await registry.forget(UUID)
     again = await registry.put(capture("allowed_not_screened", source="agi", called=None))
     found = await from_store(registry)

@@ -132,32 +132,35 @@ class TestStoreContract:
         """recent lists the newest live values first, at most `limit`, each with its counter."""
         for index in range(5):
             await store.put(f"k{index}", str(index).encode(), time.time() + 60 + index)
-        await store.count("k3", 2)
+        await store.append({}, {"k3": 2})
         assert await store.recent(3) == [(b"4", 0), (b"3", 2), (b"2", 0)]
 
     async def test_counter_lives_and_goes_with_its_value(self, store: Store) -> None:
         """A counter exists only beside a live value, survives the value's replacement and a change of
         expiry, and goes with a delete, an erasure or the expiry; a new value starts at 0."""
-        assert await store.count("k") is None and await store.count("k", 0) is None
+        assert await store.append({}, {"k": 1}) == set() and await store.counter("k") is None
         await store.put("k", b"v", time.time() + 60, "t")
-        assert await store.count("k", 0) == 0
-        assert [await store.count("k") for _ in range(3)] == [1, 2, 3]
+        assert await store.counter("k") == 0
+        for _ in range(3):
+            assert await store.append({}, {"k": 1}) == {"k"}
+        assert await store.counter("k") == 3
         await store.put("k", b"w", time.time() + 60, "t")  # replaced while live
         assert await store.swap("k", b"w", b"x", time.time() + 120, "t")
         assert await store.swap("k", b"x", b"y", None)
-        assert await store.count("k", 0) == 3
+        assert await store.append({"k": [b"e"]}, {"k": 2}) == {"k"}
+        assert await store.counter("k") == 5 and await store.entries("k") == [b"e"]
         await store.delete("k")
         await store.put("k", b"v", time.time() + 60, "t")
-        assert await store.count("k", 0) == 0
-        await store.count("k")
+        assert await store.counter("k") == 0
+        await store.append({}, {"k": 1})
         await store.delete_tagged("t")
-        assert await store.count("k") is None
+        assert await store.counter("k") is None
         await store.put("k", b"v", time.time() + 0.05)
-        await store.count("k")
+        await store.append({}, {"k": 1})
         await asyncio.sleep(0.1)
-        assert await store.count("k") is None
+        assert await store.counter("k") is None
         await store.put("k", b"v", time.time() + 60, replace=False)
-        assert await store.count("k", 0) == 0
+        assert await store.counter("k") == 0
 
     async def test_list_lives_and_goes_with_its_value(self, store: Store) -> None:
         """Entries are kept beside a live value only, in order, the newest MAX_ENTRIES, several keys at once;
@@ -187,9 +190,11 @@ class TestStoreContract:
         await store.append({"k": [b"a"]})
         await asyncio.sleep(0.1)
         assert await store.entries("k") == [] and await store.append({"k": [b"b"]}) == set()
-        await store.purge_expired(time.time())
-        await store.put("k", b"v", time.time() + 60)
+        await store.put("k", b"v", time.time() + 60)  # over the expired value, before any purge
         assert await store.entries("k") == []
+        assert await store.append({"k": [b"c"]}) == {"k"} and await store.entries("k") == [b"c"]
+        await store.purge_expired(time.time())
+        assert await store.entries("k") == [b"c"]
 
     async def test_note_call_counts_each_call_once(self, store: Store) -> None:
         """Each call of a number is counted once however often it is noted, and is told what came before
@@ -224,8 +229,9 @@ class TestStoreContract:
         if hasattr(store, "deadline_s"):
             store.deadline_s = 30
         try:
-            await asyncio.gather(*(handle.count("k") for _ in range(100) for handle in (store, other)))
-            assert await store.count("k", 0) == 200
+            await asyncio.gather(*(handle.append({"k": [b"e"]}, {"k": 1}) for _ in range(100)
+                                   for handle in (store, other)))
+            assert await store.counter("k") == 200 and len(await store.entries("k")) == 200
             keep = time.time() + 60
             # One call noted by both handles at once is counted once; 20 calls from both, each once.
             same = await asyncio.gather(*(handle.note_call("t", "c", 1.0, keep, keep) for handle in (store, other)))
@@ -250,7 +256,8 @@ async def test_registry_round_trip(store: Store) -> None:
     stored = await registry.put(record())
     assert await registry.get(UUID) == stored
     assert await registry.add(record(number="+34612345678")) is None
-    assert await registry.count_turn(UUID) == 1
+    assert await registry.note({UUID: [b'{"kind":"turn"}']}, {UUID: 1}) == {UUID}
+    assert await registry.turns(UUID) == 1 and await registry.timeline(UUID) == [{"kind": "turn"}]
     assert (await registry.newest(5))[0] == (stored, 1)
     assert await registry.forget_number(stored.caller) == 1 and await store.get(UUID) is None
 
@@ -333,6 +340,32 @@ async def test_sqlite_write_behind_a_held_lock_misses_its_deadline_then_commits(
     finally:
         other.close()
         await store.close()
+
+
+async def test_sqlite_file_from_before_the_timelines_length_goes_on(tmp_path: Path) -> None:
+    """A file written before the row kept its timeline's length, opened by two workers at once: both
+    open it, a live call's timeline goes on after its last entry, and the entries of calls gone from
+    the file are dropped."""
+    path = tmp_path / "calls.db"
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript("""
+        CREATE TABLE calls (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires_at REAL NOT NULL, tag TEXT,
+                            counter INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+        CREATE TABLE timeline (key TEXT NOT NULL, seq INTEGER NOT NULL, value BLOB NOT NULL,
+                               PRIMARY KEY (key, seq)) WITHOUT ROWID;
+    """)
+    old.execute("INSERT INTO calls VALUES ('k', x'76', ?, NULL, 4)", (time.time() + 60,))
+    old.executemany("INSERT INTO timeline VALUES (?, ?, ?)", [("k", 1, b"1"), ("k", 2, b"2"), ("gone", 1, b"x")])
+    old.close()
+    store, other = await asyncio.gather(*(asyncio.to_thread(open_store, f"sqlite:///{path}") for _ in range(2)))
+    try:
+        assert await store.append({"k": [b"3"]}, {"k": 1}) == {"k"}
+        assert await other.entries("k") == [b"1", b"2", b"3"] and await other.counter("k") == 5
+        await store.put("gone", b"v", time.time() + 60)
+        assert await store.entries("gone") == []
+    finally:
+        await store.close()
+        await other.close()
 
 
 async def test_copy_held_through_a_redis_loss_is_not_written_back_over_an_erasure() -> None:

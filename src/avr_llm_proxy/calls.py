@@ -452,20 +452,17 @@ class CallRegistry:
 
         return await self.change(record.uuid, noted, notify=False) or dataclasses.replace(record, history=history)
 
-    async def count_turn(self, uuid: str, turns: int = 1) -> int | None:
-        """More turns answered on this call, counted in the store whatever process answered them."""
-        return await self.store.count(uuid, turns)
-
-    async def note(self, entries: Mapping[str, Sequence[bytes]]) -> set[str]:
-        """Add entries (each a JSON object) to calls' timelines, all in one store operation; returns the
-        calls that had a record (the others' entries had nothing to attach to). A call's entries of one
-        batch are one item in the store, sealed like the record: at saturation a call gets several turns
-        a batch, and each sealed, stored item costs the turns' path its share of the process."""
+    async def note(self, entries: Mapping[str, Sequence[bytes]], turns: Mapping[str, int]) -> set[str]:
+        """Add entries (each a JSON object) to calls' timelines and answered turns to their counts, in
+        the store whatever process answered them, all in one store operation; returns the calls that had
+        a record (the others' had nothing to attach to). A call's entries of one batch are one item in
+        the store, sealed like the record: at saturation a call gets several turns a batch, and each
+        sealed, stored item costs the turns' path its share of the process."""
         items = {}
         for uuid, batch in entries.items():
             data = b"[" + b",".join(batch) + b"]"
             items[uuid] = [self.sealer.seal(data) if self.sealer is not None else data]
-        return await self.store.append(items)
+        return await self.store.append(items, turns)
 
     async def timeline(self, uuid: str, newest: int | None = None) -> list[dict[str, Any]]:
         """The call's timeline, oldest first (at least its `newest` last entries when given); items that
@@ -479,7 +476,7 @@ class CallRegistry:
 
     async def turns(self, uuid: str) -> int:
         """The turns answered on this call so far (0 when it has no record)."""
-        return await self.store.count(uuid, 0) or 0
+        return await self.store.counter(uuid) or 0
 
     async def newest(self, limit: int = 50) -> list[tuple[CallRecord, int]]:
         """The newest calls of the store with their turns (for `avr-llm-proxy calls`); unreadable ones are skipped."""

@@ -68,19 +68,18 @@ class Store(Protocol):
         returns how many values went."""
         ...
 
-    async def count(self, key: str, by: int = 1) -> int | None:
-        """Add `by` to the counter beside a live value, atomically whatever process counts at the same
-        time, and return it (by=0 reads it); None when there is no live value.
-
-        The counter lives and goes with its value (expiry, delete, erasure) and survives its
-        replacement; a value written where none was live starts at 0.
-        """
+    async def counter(self, key: str) -> int | None:
+        """The counter beside a live value (0 until something is counted); None when there is none."""
         ...
 
-    async def append(self, lists: Mapping[str, Sequence[bytes]]) -> set[str]:
-        """Add entries to the lists beside live values, several keys in one operation (the newest
-        MAX_ENTRIES of each stay); returns the keys that had a live value. A list lives and goes with
-        its value, like the counter."""
+    async def append(self, lists: Mapping[str, Sequence[bytes]], counts: Mapping[str, int] | None = None) -> set[str]:
+        """Add entries to the lists beside live values and `counts` to their counters, several keys in one
+        operation, atomically whatever process adds at the same time (the newest MAX_ENTRIES entries of
+        each list stay); returns the keys that had a live value.
+
+        A counter and a list live and go with their value (expiry, delete, erasure) and survive its
+        replacement; a value written where none was live starts with neither.
+        """
         ...
 
     async def entries(self, key: str, newest: int | None = None) -> list[bytes]:

@@ -62,24 +62,22 @@ class MemoryStore:
             return None
         return entry[1]
 
-    async def count(self, key: str, by: int = 1) -> int | None:
-        if await self.get(key) is None:
-            return None
-        counted = self._counts[key] = self._counts.get(key, 0) + by
-        return counted
+    async def counter(self, key: str) -> int | None:
+        return None if await self.get(key) is None else self._counts.get(key, 0)
 
     def _forget_beside(self, key: str) -> None:
         """What lives beside a value goes with it: its counter and its list."""
         self._counts.pop(key, None)
         self._lists.pop(key, None)
 
-    async def append(self, lists: Mapping[str, Sequence[bytes]]) -> set[str]:
+    async def append(self, lists: Mapping[str, Sequence[bytes]], counts: Mapping[str, int] | None = None) -> set[str]:
         appended = set()
-        for key, entries in lists.items():
+        for key in set(lists).union(counts or ()):
             if await self.get(key) is None:
                 continue
+            self._counts[key] = self._counts.get(key, 0) + (counts or {}).get(key, 0)
             kept = self._lists.setdefault(key, [])
-            kept.extend(entries)
+            kept.extend(lists.get(key, ()))
             del kept[:-MAX_ENTRIES]
             appended.add(key)
         return appended

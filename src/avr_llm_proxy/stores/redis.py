@@ -119,24 +119,21 @@ end
 return 1
 """
 
-# A counter beside a live value, expiring with it. KEYS: the value, the counter; ARGV[1]: how much.
-_COUNT = """
-redis.replicate_commands()
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl < 0 then return false end
-local counted = redis.call('INCRBY', KEYS[2], ARGV[1])
-redis.call('PEXPIRE', KEYS[2], ttl)
-return counted
-"""
-# Entries added to the list beside a live value, the newest ARGV[1] kept, expiring with it. KEYS: the
-# value, the list; ARGV[2..]: the entries.
+# Turns counted and entries added beside a live value, expiring with it, the newest ARGV[1] entries kept.
+# KEYS: the value, its counter, its list; ARGV[2]: how much to count; ARGV[3..]: the entries.
 _APPEND = """
 redis.replicate_commands()
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl < 0 then return 0 end
-for i = 2, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
-redis.call('LTRIM', KEYS[2], -tonumber(ARGV[1]), -1)
-redis.call('PEXPIRE', KEYS[2], ttl)
+if tonumber(ARGV[2]) ~= 0 then
+  redis.call('INCRBY', KEYS[2], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+if #ARGV > 2 then
+  for i = 3, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[1]), -1)
+  redis.call('PEXPIRE', KEYS[3], ttl)
+end
 return 1
 """
 # One call counted once among its number's calls; the answer (what was known before it) is kept for
@@ -200,7 +197,6 @@ class RedisStore:
         self._put = self._client.register_script(_PUT)
         self._swap = self._client.register_script(_SWAP)
         self._erase = self._client.register_script(_ERASE)
-        self._count = self._client.register_script(_COUNT)
         self._append = self._client.register_script(_APPEND)
         self._note_call = self._client.register_script(_NOTE_CALL)
         self._listener: asyncio.Task[None] | None = None
@@ -272,18 +268,22 @@ class RedisStore:
                 time.time(), ERASURE_KEPT_S * 1000, CALL, CHANNEL, TAG_ERASED + tag, COUNT, TIMELINE])
         return int(deleted)
 
-    async def count(self, key: str, by: int = 1) -> int | None:
-        async with self._answered("count"):
-            counted = await self._count(keys=[CALL + key, COUNT + key], args=[by])
-        return None if counted is None else int(counted)
+    async def counter(self, key: str) -> int | None:
+        async with self._answered("read"):
+            async with self._client.pipeline(transaction=False) as both:
+                both.exists(CALL + key)
+                both.get(COUNT + key)
+                live, counted = await both.execute()
+        return int(counted or 0) if live else None
 
-    async def append(self, lists: Mapping[str, Sequence[bytes]]) -> set[str]:
-        keys = list(lists)
+    async def append(self, lists: Mapping[str, Sequence[bytes]], counts: Mapping[str, int] | None = None) -> set[str]:
+        keys = list(set(lists).union(counts or ()))
+        by = counts or {}
         async with self._answered("append"):
             async with self._client.pipeline(transaction=False) as together:  # one round trip for them all
                 for key in keys:
-                    await self._append(keys=[CALL + key, TIMELINE + key], args=[MAX_ENTRIES, *lists[key]],
-                                       client=together)
+                    await self._append(keys=[CALL + key, COUNT + key, TIMELINE + key],
+                                       args=[MAX_ENTRIES, by.get(key, 0), *lists.get(key, ())], client=together)
                 done = await together.execute()
         return {key for key, appended in zip(keys, done, strict=True) if appended}
 

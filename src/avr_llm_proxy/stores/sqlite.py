@@ -31,45 +31,58 @@ log = structlog.get_logger("avr_llm_proxy.stores.sqlite")
 MAX_BATCH = 64  # writes committed in one transaction at most
 TRIM_EVERY = 64  # a list past MAX_ENTRIES is trimmed when its length crosses a multiple of this
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS calls (
-    key TEXT PRIMARY KEY,
-    value BLOB NOT NULL,
-    expires_at REAL NOT NULL,
-    tag TEXT,
-    counter INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS calls_expiry ON calls (expires_at);
-CREATE INDEX IF NOT EXISTS calls_tag ON calls (tag);
-CREATE TABLE IF NOT EXISTS erased (
-    tag TEXT PRIMARY KEY,
-    at REAL NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS history (
-    tag TEXT PRIMARY KEY,
-    calls INTEGER NOT NULL,
-    first_at REAL NOT NULL,
-    last_at REAL NOT NULL,
-    last_key TEXT NOT NULL,
-    expires_at REAL NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS timeline (
-    key TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    value BLOB NOT NULL,
-    PRIMARY KEY (key, seq)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS history_seen (
-    tag TEXT NOT NULL,
-    key TEXT NOT NULL,
-    calls INTEGER NOT NULL,
-    first_at REAL,
-    last_at REAL,
-    last_key TEXT,
-    expires_at REAL NOT NULL,
-    PRIMARY KEY (tag, key)
-) WITHOUT ROWID;
-"""
+# Statements, not a script: they run in the transaction that upgrades an earlier file (executescript
+# would commit it first).
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS calls (
+        key TEXT PRIMARY KEY,
+        value BLOB NOT NULL,
+        expires_at REAL NOT NULL,
+        tag TEXT,
+        counter INTEGER NOT NULL DEFAULT 0,
+        noted INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS calls_expiry ON calls (expires_at)",
+    "CREATE INDEX IF NOT EXISTS calls_tag ON calls (tag)",
+    """CREATE TABLE IF NOT EXISTS erased (
+        tag TEXT PRIMARY KEY,
+        at REAL NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS history (
+        tag TEXT PRIMARY KEY,
+        calls INTEGER NOT NULL,
+        first_at REAL NOT NULL,
+        last_at REAL NOT NULL,
+        last_key TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS history_seen (
+        tag TEXT NOT NULL,
+        key TEXT NOT NULL,
+        calls INTEGER NOT NULL,
+        first_at REAL,
+        last_at REAL,
+        last_key TEXT,
+        expires_at REAL NOT NULL,
+        PRIMARY KEY (tag, key)
+    ) WITHOUT ROWID""",
+    # Rows in insertion order, found through the index: a batch's rows of kilobytes go at the table's
+    # end, where in a WITHOUT ROWID table they went between other calls' rows (3x the writer's time).
+    """CREATE TABLE IF NOT EXISTS timeline (
+        key TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        value BLOB NOT NULL
+    )""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS timeline_order ON timeline (key, seq)",
+    # A call's timeline goes with its row, and starts again with a value written over an expired row.
+    """CREATE TRIGGER IF NOT EXISTS timeline_goes AFTER DELETE ON calls BEGIN
+        DELETE FROM timeline WHERE key = old.key;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS timeline_restarts AFTER UPDATE OF noted ON calls WHEN new.noted < old.noted
+    BEGIN
+        DELETE FROM timeline WHERE key = old.key;
+    END""",
+)
 
 
 # A write that needs more than one statement (read, then write): run in the writer thread, in the
@@ -109,6 +122,36 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
+def _prepare(conn: sqlite3.Connection) -> None:
+    """Create the schema, or bring a file written by an earlier version to it keeping what it holds:
+    under the write lock, so of the workers starting together one does it and the others find it done."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
+        for column, kind in (("tag", "TEXT"), ("counter", "INTEGER NOT NULL DEFAULT 0"),
+                             ("noted", "INTEGER NOT NULL DEFAULT 0")):
+            if columns and column not in columns:  # before erasure by number, counted turns, timelines
+                conn.execute(f"ALTER TABLE calls ADD COLUMN {column} {kind}")
+        timeline = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'timeline'").fetchone()
+        before = timeline is not None and "WITHOUT ROWID" in timeline[0].upper()
+        if before:
+            conn.execute("ALTER TABLE timeline RENAME TO timeline_before")
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        if before:
+            conn.execute("INSERT INTO timeline (key, seq, value) SELECT key, seq, value FROM timeline_before "
+                         "WHERE key IN (SELECT key FROM calls)")
+            conn.execute("DROP TABLE timeline_before")
+        if columns and "noted" not in columns:
+            conn.execute("UPDATE calls SET noted = (SELECT COALESCE(MAX(seq), 0) FROM timeline "
+                         "WHERE timeline.key = calls.key)")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 class SqliteStore:
     # Another worker process may write a record a turn here is waiting for.
     poll_interval: float | None = 0.02
@@ -121,12 +164,7 @@ class SqliteStore:
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self._writer = _connect(path)
-            columns = {row[1] for row in self._writer.execute("PRAGMA table_info(calls)")}
-            if columns and "tag" not in columns:  # a database from before erasure by number
-                self._writer.execute("ALTER TABLE calls ADD COLUMN tag TEXT")
-            if columns and "counter" not in columns:  # a database from before counted turns
-                self._writer.execute("ALTER TABLE calls ADD COLUMN counter INTEGER NOT NULL DEFAULT 0")
-            self._writer.executescript(_SCHEMA)
+            _prepare(self._writer)
             self._reader = _connect(path)
             self._get = self._reader.cursor()  # one cursor for the turn path's look-ups, not one per read
         except (sqlite3.Error, OSError) as exc:
@@ -249,9 +287,10 @@ class SqliteStore:
         if tag is not None and born is not None:
             source = "SELECT ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM erased WHERE tag = ? AND at >= ?)"
             params += (tag, born)
-        # The counter goes on over a live row and starts again over an expired one (not yet purged).
+        # The counter and the timeline go on over a live row and start again over an expired one (not yet
+        # purged; the trigger timeline_restarts empties its timeline).
         now = time.time()
-        params += (now,)
+        params += (now, now)
         # Without replace, only an expired row may be overwritten.
         condition = "" if replace else " WHERE calls.expires_at <= ?"
         if not replace:
@@ -259,7 +298,8 @@ class SqliteStore:
         changed = await self._write(
             f"INSERT INTO calls (key, value, expires_at, tag) {source} "
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at, "
-            "tag = excluded.tag, counter = CASE WHEN calls.expires_at > ? THEN calls.counter ELSE 0 END" + condition,
+            "tag = excluded.tag, counter = CASE WHEN calls.expires_at > ? THEN calls.counter ELSE 0 END, "
+            "noted = CASE WHEN calls.expires_at > ? THEN calls.noted ELSE 0 END" + condition,
             params, key,
         )
         return changed > 0
@@ -307,8 +347,6 @@ class SqliteStore:
                           notify=False)
         await self._write("DELETE FROM history WHERE tag = ?", (tag,), None, notify=False)
         await self._write("DELETE FROM history_seen WHERE tag = ?", (tag,), None, notify=False)
-        await self._write("DELETE FROM timeline WHERE key IN (SELECT key FROM calls WHERE tag = ?)", (tag,), None,
-                          notify=False)
         return await self._write("DELETE FROM calls WHERE tag = ?", (tag,), None)
 
     async def get(self, key: str) -> bytes | None:
@@ -320,39 +358,34 @@ class SqliteStore:
             raise StoreError(f"SQLite read failed: {exc}") from exc
         return None if row is None else bytes(row[0])
 
-    async def count(self, key: str, by: int = 1) -> int | None:
-        if not by:
-            try:
-                row = self._reader.execute(
-                    "SELECT counter FROM calls WHERE key = ? AND expires_at > ?", (key, time.time())).fetchone()
-            except sqlite3.Error as exc:
-                raise StoreError(f"SQLite read failed: {exc}") from exc
-            return None if row is None else int(row[0])
+    async def counter(self, key: str) -> int | None:
+        try:
+            row = self._reader.execute(
+                "SELECT counter FROM calls WHERE key = ? AND expires_at > ?", (key, time.time())).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite read failed: {exc}") from exc
+        return None if row is None else int(row[0])
 
-        def counted(conn: sqlite3.Connection) -> int | None:
-            rows = conn.execute("UPDATE calls SET counter = counter + ? WHERE key = ? AND expires_at > ? "
-                                "RETURNING counter", (by, key, time.time())).fetchall()  # all: the statement ends
-            return int(rows[0][0]) if rows else None
-
-        # Quiet: the value is unchanged, so the records other processes hold stay good.
-        result: int | None = await self._steps(counted)
-        return result
-
-    async def append(self, lists: Mapping[str, Sequence[bytes]]) -> set[str]:
-        keys = list(lists)
+    async def append(self, lists: Mapping[str, Sequence[bytes]], counts: Mapping[str, int] | None = None) -> set[str]:
+        keys = set(lists).union(counts or ())
+        by = counts or {}
 
         def appended(conn: sqlite3.Connection) -> set[str]:
-            # A few statements for all the keys: at saturation a batch holds a few hundred calls.
-            marks = ",".join("?" * len(keys))
-            live = {row[0] for row in conn.execute(
-                f"SELECT key FROM calls WHERE key IN ({marks}) AND expires_at > ?", (*keys, time.time()))}
-            last = dict(conn.execute(
-                f"SELECT key, MAX(seq) FROM timeline WHERE key IN ({marks}) GROUP BY key", keys).fetchall())
-            rows, trims = [], []
-            for key in live:
-                before = int(last.get(key) or 0)
-                rows += [(key, before + n, value) for n, value in enumerate(lists[key], 1)]
-                after = before + len(lists[key])
+            # All the keys in one write: at saturation a batch holds a few hundred calls. The row keeps the
+            # timeline's length, so no statement reads the timeline back.
+            now = time.time()
+            live, rows, trims = set(), [], []
+            for key in keys:
+                entries = lists.get(key, ())
+                found = conn.execute("UPDATE calls SET counter = counter + ?, noted = noted + ? "
+                                     "WHERE key = ? AND expires_at > ? RETURNING noted",
+                                     (by.get(key, 0), len(entries), key, now)).fetchall()  # all: the statement ends
+                if not found:
+                    continue
+                live.add(key)
+                after = int(found[0][0])
+                before = after - len(entries)
+                rows += [(key, before + n, value) for n, value in enumerate(entries, 1)]
                 if after > MAX_ENTRIES and after // TRIM_EVERY != before // TRIM_EVERY:  # now and then only
                     trims.append((key, after - MAX_ENTRIES))
             conn.executemany("INSERT INTO timeline (key, seq, value) VALUES (?, ?, ?)", rows)
@@ -361,6 +394,7 @@ class SqliteStore:
 
         if not keys:
             return set()
+        # Quiet: the values are unchanged, so the records other processes hold stay good.
         result: set[str] = await self._steps(appended)
         return result
 
@@ -376,7 +410,6 @@ class SqliteStore:
         return [bytes(row[0]) for row in reversed(rows)]
 
     async def delete(self, key: str) -> bool:
-        await self._write("DELETE FROM timeline WHERE key = ?", (key,), None, notify=False)
         return await self._write("DELETE FROM calls WHERE key = ?", (key,), key) > 0
 
     async def recent(self, limit: int) -> list[tuple[bytes, int]]:
@@ -397,8 +430,6 @@ class SqliteStore:
         await self._write("DELETE FROM erased WHERE at <= ?", (now - ERASURE_KEPT_S,), None, notify=False)
         await self._write("DELETE FROM history WHERE expires_at <= ?", (now,), None, notify=False)
         await self._write("DELETE FROM history_seen WHERE expires_at <= ?", (now,), None, notify=False)
-        await self._write("DELETE FROM timeline WHERE key NOT IN (SELECT key FROM calls WHERE expires_at > ?)", (now,),
-                          None, notify=False)
         return await self._write("DELETE FROM calls WHERE expires_at <= ?", (now,), None, notify=False)
 
     async def ping(self) -> None:
