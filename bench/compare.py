@@ -8,9 +8,13 @@ proxy does its full work. After each of our runs a short pass with the checking 
 reply the way avr-core does; a wrong turn fails the run.
 
 With --console, each of our runs is done twice, the second with an operator console open (a client
-reading GET /console/events for the whole run), to show what watching costs.
+reading GET /console/events for the whole run), to show what watching costs. With --src, one process
+of another source tree (an earlier commit's) runs too: turns/s move with the hour on a shared
+machine, and so do ratios to the seed, so a change is judged against older code in the same run.
+Each target's CPU time per turn (its processes' user and system time over the load) is printed too:
+it moves less with the hour than throughput.
 
-Usage: python bench/compare.py [--seconds 10] [--connections 50] [--workers 2] [--console]
+Usage: python bench/compare.py [--seconds 10] [--connections 50] [--workers 2] [--console] [--src PATH]
 The seed's proxy comes from ../shared/baseline/seed-node-proxy (SEED_DIR to point elsewhere); it is
 copied to a temporary folder and installed with `npm ci`. Without node or that folder it is skipped.
 """
@@ -40,6 +44,8 @@ from turns import Connection, free_port, saturate, started  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SEED = Path(os.environ.get("SEED_DIR", HERE.parent.parent / "shared" / "baseline" / "seed-node-proxy"))
+TICKS = os.sysconf("SC_CLK_TCK")
+Row = tuple[float, float, float, float, int]  # turns/s, p50 ms, p99 ms, CPU us per turn, wrong turns
 
 
 def wrk(url: str, uuids: Path, seconds: float, connections: int) -> tuple[float, float, float]:
@@ -73,7 +79,8 @@ def console_open(port: int) -> Iterator[None]:
     assert response.status == 200, f"/console/events answered {response.status}"
 
     def read() -> None:
-        with contextlib.suppress(OSError, ValueError, http.client.HTTPException):  # closed under it at the end
+        # Closed under it at the end; http.client may then fail on its own cleared file (AttributeError).
+        with contextlib.suppress(OSError, ValueError, AttributeError, http.client.HTTPException):
             while response.read1(65536):
                 pass
 
@@ -87,18 +94,41 @@ def console_open(port: int) -> Iterator[None]:
         connection.close()
 
 
-def drive(port: int, check: bool, uuids: Path, args: argparse.Namespace) -> tuple[float, float, float, int]:
-    """Turns/s, p50, p99 (ms) and, with `check`, the turns avr-core would not have heard right."""
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process and its live descendants (serve's workers), from /proc."""
+    parents: dict[int, int] = {}
+    spent: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after the name: state, ppid, ..., utime (12th), stime
+        parents[int(entry)] = int(fields[1])
+        spent[int(entry)] = (int(fields[11]) + int(fields[12])) / TICKS
+    tree = {pid}
+    while grown := {child for child, parent in parents.items() if parent in tree} - tree:
+        tree |= grown
+    return sum(spent.get(member, 0.0) for member in tree)
+
+
+def drive(port: int, pid: int, check: bool, uuids: Path, args: argparse.Namespace) -> Row:
+    """Turns/s, p50, p99 (ms), the target's CPU time per turn (us) and, with `check`, the turns
+    avr-core would not have heard right."""
+    before = cpu_seconds(pid)
     if shutil.which("wrk"):
         rate, p50, p99 = wrk(f"http://127.0.0.1:{port}", uuids, args.seconds, args.connections)
     else:
         rate, tally = uvloop.run(saturate(port, args.connections, args.seconds))
         p50, p99 = tally.pct(0.5), tally.pct(0.99)
+    cpu_us = (cpu_seconds(pid) - before) / (rate * args.seconds) * 1e6 if rate else float("nan")
     wrong = 0
     if check:
         _, checked = uvloop.run(saturate(port, 10, 2))
         wrong = len(checked.wrong)
-    return rate, p50, p99, wrong
+    return rate, p50, p99, cpu_us, wrong
 
 
 def main() -> int:
@@ -107,18 +137,24 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--console", action="store_true", help="also run ours with a console page open")
+    parser.add_argument("--src", action="append", default=[], metavar="PATH",
+                        help="also run one process of avr-llm-proxy from this source folder, e.g. the src/ of a "
+                             "`git worktree` of the commit earlier figures came from (repeatable)")
     args = parser.parse_args()
-    rows: list[tuple[str, float, float, float, int]] = []
+    rows: list[tuple[str, *Row]] = []
     with tempfile.TemporaryDirectory() as workdir:
         work = Path(workdir)
         uuids = work / "uuids.txt"
         calls = [str(uuidlib.uuid4()) for _ in range(args.connections * 4)]
         uuids.write_text("\n".join(calls) + "\n")
         api_port = free_port()
-        with started([sys.executable, str(HERE / "fake_api.py"), str(api_port)], api_port):
+        with started([sys.executable, str(HERE / "fake_api.py"), str(api_port)], api_port) as api:
             if shutil.which("wrk"):
-                alone = wrk(f"http://127.0.0.1:{api_port}/api", uuids, min(args.seconds, 5), args.connections)
-                rows.append(("fake business API alone", *alone, 0))
+                before = cpu_seconds(api.pid)
+                seconds = min(args.seconds, 5)
+                rate, p50, p99 = wrk(f"http://127.0.0.1:{api_port}/api", uuids, seconds, args.connections)
+                rows.append(("fake business API alone", rate, p50, p99,
+                             (cpu_seconds(api.pid) - before) / (rate * seconds) * 1e6, 0))
             if shutil.which("node") and shutil.which("npm") and SEED.is_dir():
                 seed_dir = work / "seed"
                 shutil.copytree(SEED, seed_dir)
@@ -129,29 +165,36 @@ def main() -> int:
                 port = free_port()
                 env = {"QUIET": "1", "PORT": str(port), "API_URL": f"http://127.0.0.1:{api_port}/api",
                        "CALLERID_DIR": workdir}
-                with started(["node", "server.js"], port, env, str(seed_dir)):
-                    rows.append(("seed Node proxy", *drive(port, False, uuids, args)))
+                with started(["node", "server.js"], port, env, str(seed_dir)) as seed_proxy:
+                    rows.append(("seed Node proxy", *drive(port, seed_proxy.pid, False, uuids, args)))
             else:
                 print(f"seed proxy skipped: needs node, npm and {SEED}")
-            for label, extra in (("avr-llm-proxy, 1 process", []),
-                                 (f"avr-llm-proxy, --workers {args.workers}", ["--workers", str(args.workers)])):
+            targets: list[tuple[str, list[str], dict[str, str]]] = [
+                ("avr-llm-proxy, 1 process", [], {}),
+                (f"avr-llm-proxy, --workers {args.workers}", ["--workers", str(args.workers)], {}),
+            ]
+            # Another tree's code, against this run's seed: a ratio that is comparable across hours.
+            targets += [(f"avr-llm-proxy from {src}, 1 process", [], {"PYTHONPATH": str(Path(src).resolve())})
+                        for src in args.src]
+            for label, extra, tree in targets:
                 port = free_port()
                 env = {"PORT": str(port), "API_URL": f"http://127.0.0.1:{api_port}/api", "CALLERID_DIR": "",
-                       "AGI_LISTEN": "", "STORE_URL": f"sqlite:///{workdir}/calls-{port}.db"}
-                with started([sys.executable, "-m", "avr_llm_proxy", "serve", *extra], port, env, workdir):
+                       "AGI_LISTEN": "", "STORE_URL": f"sqlite:///{workdir}/calls-{port}.db", **tree}
+                with started([sys.executable, "-m", "avr_llm_proxy", "serve", *extra], port, env, workdir) as ours:
                     uvloop.run(register(port, calls))
-                    rows.append((label, *drive(port, True, uuids, args)))
-                    if args.console:
+                    rows.append((label, *drive(port, ours.pid, True, uuids, args)))
+                    if args.console and not tree:
                         with console_open(port):
-                            rows.append((f"{label}, console open", *drive(port, True, uuids, args)))
+                            rows.append((f"{label}, console open", *drive(port, ours.pid, True, uuids, args)))
     seed = next((row[1] for row in rows if row[0] == "seed Node proxy"), None)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"load: {'wrk' if shutil.which('wrk') else 'asyncio generator'}, {args.connections} connections")
-    print(f"{'target':<44} {'turns/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs seed':>8} {'wrong':>6}")
-    for label, rate, p50, p99, wrong in rows:
+    print(f"{'target':<44} {'turns/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs seed':>8} {'CPU us/turn':>12} "
+          f"{'wrong':>6}")
+    for label, rate, p50, p99, cpu_us, wrong in rows:
         ratio = f"{rate / seed:.2f}x" if seed and "proxy" in label else ""
-        print(f"{label:<44} {rate:>9.0f} {p50:>8.2f} {p99:>8.2f} {ratio:>8} {wrong:>6}")
-    return 1 if any(row[4] for row in rows) else 0
+        print(f"{label:<44} {rate:>9.0f} {p50:>8.2f} {p99:>8.2f} {ratio:>8} {cpu_us:>12.0f} {wrong:>6}")
+    return 1 if any(row[5] for row in rows) else 0
 
 
 if __name__ == "__main__":
