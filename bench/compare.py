@@ -8,7 +8,8 @@ proxy does its full work. After each of our runs a short pass with the checking 
 reply the way avr-core does; a wrong turn fails the run.
 
 With --console, each of our runs is done twice, the second with an operator console open (a client
-reading GET /console/events for the whole run), to show what watching costs. With --src, one process
+reading GET /console/events for the whole run), to show what watching costs, and one process runs
+with CONSOLE=off, to show what keeping every turn for the console's timeline costs. With --src, one process
 of another source tree (an earlier commit's) runs too: turns/s move with the hour on a shared
 machine, and so do ratios to the seed, so a change is judged against older code in the same run.
 Each target's CPU time per turn (its processes' user and system time over the load) is printed too:
@@ -173,17 +174,19 @@ def main() -> int:
                 ("avr-llm-proxy, 1 process", [], {}),
                 (f"avr-llm-proxy, --workers {args.workers}", ["--workers", str(args.workers)], {}),
             ]
+            if args.console:  # what keeping each turn for the console's timeline costs
+                targets.append(("avr-llm-proxy, 1 process, CONSOLE=off", [], {"CONSOLE": "off"}))
             # Another tree's code, against this run's seed: a ratio that is comparable across hours.
             targets += [(f"avr-llm-proxy from {src}, 1 process", [], {"PYTHONPATH": str(Path(src).resolve())})
                         for src in args.src]
-            for label, extra, tree in targets:
+            for label, extra, setting in targets:
                 port = free_port()
                 env = {"PORT": str(port), "API_URL": f"http://127.0.0.1:{api_port}/api", "CALLERID_DIR": "",
-                       "AGI_LISTEN": "", "STORE_URL": f"sqlite:///{workdir}/calls-{port}.db", **tree}
+                       "AGI_LISTEN": "", "STORE_URL": f"sqlite:///{workdir}/calls-{port}.db", **setting}
                 with started([sys.executable, "-m", "avr_llm_proxy", "serve", *extra], port, env, workdir) as ours:
                     uvloop.run(register(port, calls))
                     rows.append((label, *drive(port, ours.pid, True, uuids, args)))
-                    if args.console and not tree:
+                    if args.console and not setting:  # a console open: this tree, default settings
                         with console_open(port):
                             rows.append((f"{label}, console open", *drive(port, ours.pid, True, uuids, args)))
     seed = next((row[1] for row in rows if row[0] == "seed Node proxy"), None)

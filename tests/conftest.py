@@ -19,6 +19,7 @@ import pytest
 import structlog
 import uvicorn
 from aiohttp import web
+from pydantic import AliasChoices
 
 from avr_llm_proxy.app import create_app
 from avr_llm_proxy.config import Settings
@@ -26,10 +27,12 @@ from avr_llm_proxy.http_protocol import listener_options
 from avr_llm_proxy.observability import logging_processors
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SETTING_NAMES = (
-    "HOST", "PORT", "API_URL", "CLIPP_API_URL", "BOT_PHONE", "CLIPP_PHONE", "STORE_URL", "CALLER_TTL_SECONDS",
-    "CALLER_WAIT_MS", "DEFAULT_REGION", "NUMBER_FORMAT", "AGI_LISTEN", "AMI_URL", "CALLERID_DIR", "API_TIMEOUT_MS",
-    "FALLBACK_MESSAGE", "LOG_NUMBERS", "HASH_KEY", "LOG_LEVEL", "DEBUG_TOKEN", "MAX_BODY_BYTES",
+# Every environment name a setting is read from, aliases included: the model is the one list.
+SETTING_NAMES = tuple(
+    name for field in Settings.model_fields.values()
+    for name in (field.validation_alias.choices if isinstance(field.validation_alias, AliasChoices)
+                 else [field.validation_alias])
+    if isinstance(name, str)
 )
 LOG_LINES: list[str] = []
 

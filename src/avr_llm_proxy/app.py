@@ -94,7 +94,7 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
             region=settings.default_region, caller_wait_s=settings.caller_wait_ms / 1000,
             fallback_message=settings.fallback_message, filler_after_s=settings.filler_after_ms / 1000,
             filler_message=settings.filler_message, keep_stale_turns=settings.keep_stale_turns,
-            history_s=settings.history_days * 86400,
+            history_s=settings.history_days * 86400, timeline=settings.console == "on",
         ),
         lookup,
         control,
@@ -178,8 +178,9 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
                                       lifecycle, settings.webhook_secret))
 
     console = ConsoleFeed(registry, redact, upstream.breaker.describe)
-    trials = TrialCalls(registry, turns.request, console.spoken, settings.capture_token)
-    app.include_router(console_router(console, settings.debug_token, keys.hash_key, trials))
+    if settings.console == "on":
+        trials = TrialCalls(registry, turns.request, console.spoken, settings.capture_token)
+        app.include_router(console_router(console, settings.debug_token, keys.hash_key, trials))
 
     @app.get("/healthz", summary="The process is up")
     async def healthz() -> dict[str, str]:

@@ -132,6 +132,8 @@ class Settings(BaseSettings):
                                  description="wait before a call action (0: the estimated speaking time)")
     speech_chars_per_second: float = Field(14.0, gt=0, le=100, validation_alias="SPEECH_CHARS_PER_SECOND")
     call_control: Literal["off", "on"] = Field("off", validation_alias="CALL_CONTROL")
+    console: Literal["on", "off"] = Field("on", validation_alias="CONSOLE",
+                                          description="the operator console, and each turn kept for its timeline")
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576, validation_alias="MAX_BODY_BYTES")
 
     @field_validator("api_url", "openai_base_url", "events_url", "lookup_url")

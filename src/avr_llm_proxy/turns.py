@@ -60,6 +60,7 @@ class TurnPolicy:
     filler_message: str = "Un momento, por favor."
     keep_stale_turns: bool = False
     history_s: float = 0.0  # HISTORY_DAYS in seconds; 0: no caller history
+    timeline: bool = True  # each turn kept for the console's timeline (CONSOLE=on)
 
     def phone_for(self, record: CallRecord | None) -> str:
         """The bot number for the DID the caller dialled (BOT_PHONE_MAP), else BOT_PHONE."""
@@ -345,15 +346,16 @@ class Turns:
         status = outcome.status
         if status != "superseded":  # something was said: a turn answered
             self._uncounted[turn.uuid] = self._uncounted.get(turn.uuid, 0) + 1
-        spoken = outcome.texts or (self._fallback_texts if status.startswith("fallback") else [])
-        # Encoded now: bytes kept until the batch is written are nothing for the garbage collector to scan
-        # (kept as dicts, they cost a tenth of a process's turns at saturation).
-        self._unnoted.setdefault(turn.uuid, []).append(orjson.dumps({
-            "at": round(time.time() - (time.perf_counter() - outcome.started), 3), "kind": "turn", "turn": turn.turn,
-            "said": turn.message, "spoken": spoken, "status": status, "filler": outcome.filler,
-            "latency_ms": round(outcome.upstream_ms, 1), "first_ms": outcome.first_ms, "worker": self._worker,
-            "elapsed_ms": round((time.perf_counter() - outcome.started) * 1000, 1),
-        }))
+        if self.policy.timeline:
+            spoken = outcome.texts or (self._fallback_texts if status.startswith("fallback") else [])
+            # Encoded now: bytes kept until the batch is written are nothing for the garbage collector to
+            # scan (kept as dicts, they cost a tenth of a process's turns at saturation).
+            self._unnoted.setdefault(turn.uuid, []).append(orjson.dumps({
+                "at": round(time.time() - (time.perf_counter() - outcome.started), 3), "kind": "turn",
+                "turn": turn.turn, "said": turn.message, "spoken": spoken, "status": status, "filler": outcome.filler,
+                "latency_ms": round(outcome.upstream_ms, 1), "first_ms": outcome.first_ms, "worker": self._worker,
+                "elapsed_ms": round((time.perf_counter() - outcome.started) * 1000, 1),
+            }))
         if self._counting is None or self._counting.done():
             self._counting = asyncio.create_task(self._store_counts())
 

@@ -49,6 +49,28 @@ async def test_debug_lists_calls_masked(tmp_path: Path) -> None:
     assert b"593987654321" not in b"".join(reply.chunks)
 
 
+@pytest.mark.parametrize(("console", "page", "kept"), [("on", 200, True), ("off", 404, False)])
+async def test_console_setting(tmp_path: Path, console: str, page: int, kept: bool) -> None:
+    """CONSOLE=off: no console pages or data, and no turn kept for a timeline; the turns are still
+    counted, and /debug still lists the call (without a last status)."""
+    call = str(uuidlib.uuid4())
+    async with running_proxy(make_settings(tmp_path, console=console)) as proxy:
+        await register_caller(proxy.url, call, "+593987654321", None, None, "json")
+        await play_call(proxy.url, call, ["hola", "pedido"])
+        for _ in range(100):  # the turns reach the store in the next 0.25 s batch
+            data = orjson.loads(b"".join((await http_request(f"{proxy.url}/debug", b"", method="GET")).chunks))
+            if data["calls"] and data["calls"][0]["turns"] == 2:
+                break
+            await asyncio.sleep(0.02)
+        statuses = [(await http_request(f"{proxy.url}{path}", b"", method="GET")).status
+                    for path in ("/console", f"/console/api/calls/{call}", "/console/static/console.js")]
+    assert data["calls"][0]["uuid"] == call and data["calls"][0]["turns"] == 2
+    assert (data["calls"][0]["last_status"] == "200") is kept
+    assert statuses == [page] * 3
+    with contextlib.closing(sqlite3.connect(tmp_path / "calls.db")) as db:
+        assert (db.execute("SELECT COUNT(*) FROM timeline").fetchone()[0] > 0) is kept
+
+
 @pytest.mark.parametrize(("token", "status"), [("", 401), ("wrong", 401), ("s3cret-token", 200)])
 async def test_debug_token(tmp_path: Path, token: str, status: int) -> None:
     """With DEBUG_TOKEN set, only the right bearer token opens /debug."""
