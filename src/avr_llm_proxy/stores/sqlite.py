@@ -17,10 +17,10 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -30,6 +30,8 @@ from .stamps import ChangeStamps
 log = structlog.get_logger("avr_llm_proxy.stores.sqlite")
 MAX_BATCH = 64  # writes committed in one transaction at most
 TRIM_EVERY = 64  # a list past MAX_ENTRIES is trimmed when its length crosses a multiple of this
+PER_STATEMENT = 500  # rows of a multi-row statement at most
+_Item = TypeVar("_Item")
 
 # Statements, not a script: they run in the transaction that upgrades an earlier file (executescript
 # would commit it first).
@@ -120,6 +122,17 @@ def _connect(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=5000")
     return conn
+
+
+def _parts(items: list[_Item]) -> Iterator[list[_Item]]:
+    """The items in slices of a statement's worth (3 parameters each, far below SQLite's 32766)."""
+    for start in range(0, len(items), PER_STATEMENT):
+        yield items[start:start + PER_STATEMENT]
+
+
+def _marks(rows: int, columns: int) -> str:
+    """`(?, ?), (?, ?)`: the placeholders of a VALUES list."""
+    return ", ".join(["(" + ", ".join("?" * columns) + ")"] * rows)
 
 
 def _prepare(conn: sqlite3.Connection) -> None:
@@ -371,24 +384,27 @@ class SqliteStore:
         by = counts or {}
 
         def appended(conn: sqlite3.Connection) -> set[str]:
-            # All the keys in one write: at saturation a batch holds a few hundred calls. The row keeps the
-            # timeline's length, so no statement reads the timeline back.
-            now = time.time()
-            live, rows, trims = set(), [], []
-            for key in keys:
-                entries = lists.get(key, ())
-                found = conn.execute("UPDATE calls SET counter = counter + ?, noted = noted + ? "
-                                     "WHERE key = ? AND expires_at > ? RETURNING noted",
-                                     (by.get(key, 0), len(entries), key, now)).fetchall()  # all: the statement ends
-                if not found:
-                    continue
-                live.add(key)
-                after = int(found[0][0])
-                before = after - len(entries)
-                rows += [(key, before + n, value) for n, value in enumerate(entries, 1)]
-                if after > MAX_ENTRIES and after // TRIM_EVERY != before // TRIM_EVERY:  # now and then only
-                    trims.append((key, after - MAX_ENTRIES))
-            conn.executemany("INSERT INTO timeline (key, seq, value) VALUES (?, ?, ?)", rows)
+            # A few statements for all the keys (a few hundred calls a batch at saturation): between two
+            # statements this thread takes the GIL from the event loop and gives it back. The row keeps
+            # the timeline's length, so no statement reads the timeline back.
+            live: set[str] = set()
+            rows: list[tuple[str, int, bytes]] = []
+            trims: list[tuple[str, int]] = []
+            for part in _parts(list(keys)):
+                sizes = [value for key in part for value in (key, by.get(key, 0), len(lists.get(key, ())))]
+                for key, after in conn.execute(
+                        f"UPDATE calls SET counter = counter + v.column2, noted = noted + v.column3 "
+                        f"FROM (VALUES {_marks(len(part), 3)}) AS v WHERE calls.key = v.column1 "
+                        "AND calls.expires_at > ? RETURNING key, noted", (*sizes, time.time())).fetchall():
+                    entries = lists.get(key, ())
+                    live.add(key)
+                    before = after - len(entries)
+                    rows += [(key, before + n, value) for n, value in enumerate(entries, 1)]
+                    if after > MAX_ENTRIES and after // TRIM_EVERY != before // TRIM_EVERY:  # now and then only
+                        trims.append((key, after - MAX_ENTRIES))
+            for chunk in _parts(rows):
+                conn.execute(f"INSERT INTO timeline (key, seq, value) VALUES {_marks(len(chunk), 3)}",
+                             [value for row in chunk for value in row])
             conn.executemany("DELETE FROM timeline WHERE key = ? AND seq <= ?", trims)
             return live
 
