@@ -9,11 +9,13 @@ reply the way avr-core does; a wrong turn fails the run.
 
 With --console, each of our runs is done twice, the second with an operator console open (a client
 reading GET /console/events for the whole run), to show what watching costs, and one process runs
-with CONSOLE=off, to show what keeping every turn for the console's timeline costs. With --src, one process
-of another source tree (an earlier commit's) runs too: turns/s move with the hour on a shared
-machine, and so do ratios to the seed, so a change is judged against older code in the same run.
-Each target's CPU time per turn (its processes' user and system time over the load) is printed too:
-it moves less with the hour than throughput.
+with CONSOLE=off, to show what keeping every turn for the console's timeline costs.
+
+With --src, one process of another source tree (an earlier commit's, which may have no console) runs
+too, with no console open: turns/s move with the hour on a shared machine, and so do ratios to the
+seed, so a change is judged against older code in the same run. Each target's CPU time per turn (its
+processes' user and system time over the load) is printed too: it moves less with the hour than
+throughput.
 
 Usage: python bench/compare.py [--seconds 10] [--connections 50] [--workers 2] [--console] [--src PATH]
 The seed's proxy comes from ../shared/baseline/seed-node-proxy (SEED_DIR to point elsewhere); it is
@@ -115,6 +117,10 @@ def cpu_seconds(pid: int) -> float:
     return sum(spent.get(member, 0.0) for member in tree)
 
 
+def per_turn_us(cpu_s: float, turns: float) -> float:
+    return cpu_s / turns * 1e6 if turns else float("nan")
+
+
 def drive(port: int, pid: int, check: bool, uuids: Path, args: argparse.Namespace) -> Row:
     """Turns/s, p50, p99 (ms), the target's CPU time per turn (us) and, with `check`, the turns
     avr-core would not have heard right."""
@@ -124,7 +130,7 @@ def drive(port: int, pid: int, check: bool, uuids: Path, args: argparse.Namespac
     else:
         rate, tally = uvloop.run(saturate(port, args.connections, args.seconds))
         p50, p99 = tally.pct(0.5), tally.pct(0.99)
-    cpu_us = (cpu_seconds(pid) - before) / (rate * args.seconds) * 1e6 if rate else float("nan")
+    cpu_us = per_turn_us(cpu_seconds(pid) - before, rate * args.seconds)
     wrong = 0
     if check:
         _, checked = uvloop.run(saturate(port, 10, 2))
@@ -154,8 +160,8 @@ def main() -> int:
                 before = cpu_seconds(api.pid)
                 seconds = min(args.seconds, 5)
                 rate, p50, p99 = wrk(f"http://127.0.0.1:{api_port}/api", uuids, seconds, args.connections)
-                rows.append(("fake business API alone", rate, p50, p99,
-                             (cpu_seconds(api.pid) - before) / (rate * seconds) * 1e6, 0))
+                rows.append(("fake business API alone", rate, p50, p99, per_turn_us(cpu_seconds(api.pid) - before,
+                                                                            rate * seconds), 0))
             if shutil.which("node") and shutil.which("npm") and SEED.is_dir():
                 seed_dir = work / "seed"
                 shutil.copytree(SEED, seed_dir)
@@ -192,11 +198,12 @@ def main() -> int:
     seed = next((row[1] for row in rows if row[0] == "seed Node proxy"), None)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"load: {'wrk' if shutil.which('wrk') else 'asyncio generator'}, {args.connections} connections")
-    print(f"{'target':<44} {'turns/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs seed':>8} {'CPU us/turn':>12} "
+    width = max(44, *(len(row[0]) for row in rows))
+    print(f"{'target':<{width}} {'turns/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs seed':>8} {'CPU us/turn':>12} "
           f"{'wrong':>6}")
     for label, rate, p50, p99, cpu_us, wrong in rows:
         ratio = f"{rate / seed:.2f}x" if seed and "proxy" in label else ""
-        print(f"{label:<44} {rate:>9.0f} {p50:>8.2f} {p99:>8.2f} {ratio:>8} {cpu_us:>12.0f} {wrong:>6}")
+        print(f"{label:<{width}} {rate:>9.0f} {p50:>8.2f} {p99:>8.2f} {ratio:>8} {cpu_us:>12.0f} {wrong:>6}")
     return 1 if any(row[5] for row in rows) else 0
 
 

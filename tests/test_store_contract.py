@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -366,6 +367,30 @@ async def test_sqlite_file_from_before_the_timelines_length_goes_on(tmp_path: Pa
     finally:
         await store.close()
         await other.close()
+
+
+async def test_sqlite_timeline_row_added_without_its_count_loses_no_turn_count(tmp_path: Path) -> None:
+    """A row an earlier version wrote into a call's timeline without counting it (a downgrade and back,
+    or an old process on the same file): the next batch still stores every call's counts, and the file
+    opened again continues after the highest row."""
+    path = tmp_path / "calls.db"
+    store = open_store(f"sqlite:///{path}")
+    try:
+        for key in ("k", "j"):
+            await store.put(key, b"v", time.time() + 60)
+        await store.append({"k": [b"1"]}, {"k": 1})
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as old:
+            old.executemany("INSERT INTO timeline (key, seq, value) VALUES ('k', ?, ?)", [(2, b"old"), (3, b"old")])
+        assert await store.append({"k": [b"2"], "j": [b"x"]}, {"k": 1, "j": 1}) == {"k", "j"}
+        assert await store.counter("k") == 2 and await store.counter("j") == 1
+    finally:
+        await store.close()
+    store = open_store(f"sqlite:///{path}")
+    try:
+        await store.append({"k": [b"3"]}, {"k": 1})
+        assert await store.entries("k") == [b"1", b"2", b"old", b"3"] and await store.counter("k") == 3
+    finally:
+        await store.close()
 
 
 async def test_copy_held_through_a_redis_loss_is_not_written_back_over_an_erasure() -> None:

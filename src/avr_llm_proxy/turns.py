@@ -367,7 +367,8 @@ class Turns:
             try:
                 await self.registry.note(notes, counts)
             except StoreError as exc:
-                log.info("turns_not_stored", calls=len(notes), turns=sum(counts.values()), reason=str(exc))
+                log.info("turns_not_stored", calls=len(counts.keys() | notes.keys()), turns=sum(counts.values()),
+                         reason=str(exc))
 
     def _note_history(self, record: CallRecord) -> None:
         """A capture: note the call in its caller's history now, so its first turn finds it in the record."""

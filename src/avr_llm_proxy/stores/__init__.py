@@ -74,8 +74,8 @@ class Store(Protocol):
 
     async def append(self, lists: Mapping[str, Sequence[bytes]], counts: Mapping[str, int] | None = None) -> set[str]:
         """Add entries to the lists beside live values and `counts` to their counters, several keys in one
-        operation, atomically whatever process adds at the same time (the newest MAX_ENTRIES entries of
-        each list stay); returns the keys that had a live value.
+        operation, each key's atomically whatever process adds at the same time (the newest MAX_ENTRIES
+        entries of each list stay); returns the keys that had a live value.
 
         A counter and a list live and go with their value (expiry, delete, erasure) and survive its
         replacement; a value written where none was live starts with neither.

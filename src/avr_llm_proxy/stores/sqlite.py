@@ -31,6 +31,8 @@ log = structlog.get_logger("avr_llm_proxy.stores.sqlite")
 MAX_BATCH = 64  # writes committed in one transaction at most
 TRIM_EVERY = 64  # a list past MAX_ENTRIES is trimmed when its length crosses a multiple of this
 PER_STATEMENT = 500  # rows of a multi-row statement at most
+BUSY_WAIT_MS = 5000  # how long a statement waits for another process's lock
+PREPARE_WAIT_MS = 60_000  # the same while opening: another worker may be upgrading the file
 _Item = TypeVar("_Item")
 
 # Statements, not a script: they run in the transaction that upgrades an earlier file (executescript
@@ -120,7 +122,7 @@ def _connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_WAIT_MS}")
     return conn
 
 
@@ -137,7 +139,9 @@ def _marks(rows: int, columns: int) -> str:
 
 def _prepare(conn: sqlite3.Connection) -> None:
     """Create the schema, or bring a file written by an earlier version to it keeping what it holds:
-    under the write lock, so of the workers starting together one does it and the others find it done."""
+    under the write lock, so of the workers starting together one does it and the others find it done
+    (waiting longer than a write would: copying an earlier file's timelines takes a while)."""
+    conn.execute(f"PRAGMA busy_timeout={PREPARE_WAIT_MS}")
     conn.execute("BEGIN IMMEDIATE")
     try:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
@@ -155,14 +159,17 @@ def _prepare(conn: sqlite3.Connection) -> None:
             conn.execute("INSERT INTO timeline (key, seq, value) SELECT key, seq, value FROM timeline_before "
                          "WHERE key IN (SELECT key FROM calls)")
             conn.execute("DROP TABLE timeline_before")
-        if columns and "noted" not in columns:
-            conn.execute("UPDATE calls SET noted = (SELECT COALESCE(MAX(seq), 0) FROM timeline "
-                         "WHERE timeline.key = calls.key)")
+        # A timeline's length as its rows say, where the row has it shorter: a file from before the
+        # column, or written meanwhile by an earlier version, which adds rows without counting them.
+        conn.execute("UPDATE calls SET noted = t.last FROM (SELECT key, MAX(seq) AS last FROM timeline GROUP BY key) "
+                     "AS t WHERE calls.key = t.key AND calls.noted < t.last")
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_WAIT_MS}")
 
 
 class SqliteStore:
@@ -402,8 +409,10 @@ class SqliteStore:
                     rows += [(key, before + n, value) for n, value in enumerate(entries, 1)]
                     if after > MAX_ENTRIES and after // TRIM_EVERY != before // TRIM_EVERY:  # now and then only
                         trims.append((key, after - MAX_ENTRIES))
+            # OR REPLACE: a row an earlier version added meanwhile without counting it gives way, and the
+            # batch (every call's counts with it) is not lost for it.
             for chunk in _parts(rows):
-                conn.execute(f"INSERT INTO timeline (key, seq, value) VALUES {_marks(len(chunk), 3)}",
+                conn.execute(f"INSERT OR REPLACE INTO timeline (key, seq, value) VALUES {_marks(len(chunk), 3)}",
                              [value for row in chunk for value in row])
             conn.executemany("DELETE FROM timeline WHERE key = ? AND seq <= ?", trims)
             return live
