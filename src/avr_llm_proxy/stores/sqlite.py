@@ -120,7 +120,18 @@ def _settle(outcomes: Sequence[_Outcome]) -> None:
 
 def _connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
+    # Workers opening a file not yet in WAL mode at once: the switch answers "locked" at once to all
+    # but one, whatever the busy timeout, and is tried again (once switched, the file stays WAL).
+    waited_until = time.monotonic() + PREPARE_WAIT_MS / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > waited_until:
+                conn.close()
+                raise
+            time.sleep(0.02)
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute(f"PRAGMA busy_timeout={BUSY_WAIT_MS}")
     return conn
