@@ -100,7 +100,8 @@ def create_app(settings: Settings, keys: Keys | None = None) -> ASGIApp:
         control,
     )
     agi = FastAgiServer(registry, settings.agi_listen, settings.default_region) if settings.agi_listen else None
-    ami = AmiListener(registry, settings.ami_url, settings.default_region) if settings.ami_url else None
+    ami = (AmiListener(registry, settings.ami_url, settings.default_region, hung_up=lifecycle.hung_up)
+           if settings.ami_url else None)
     # With --workers N, one worker of the host holds the AMI connection (see leader.py).
     ami_lock = HostLock("ami", f"{settings.ami_url}|{settings.store_url}")
     redact = number_redactor(settings.log_numbers, keys.hash_key)

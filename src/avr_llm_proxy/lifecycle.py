@@ -61,6 +61,10 @@ def parse_event(body: bytes) -> Event:
     return Event(uuid, str(kind), stamp, payload if isinstance(payload, dict) else {})
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 class Lifecycle:
     """Applies events to call records and forwards them to EVENTS_URL."""
 
@@ -105,10 +109,17 @@ class Lifecycle:
         self._send(event, record)
         return record
 
+    async def hung_up(self, uuid: str) -> None:
+        """The PBX hung up a captured call's channel (AMI): it ended, said or not by avr-core, whose own
+        `call_ended` then changes nothing but the time (EVENTS_URL gets both, one Idempotency-Key)."""
+        try:
+            await self.apply(Event(uuid, "call_ended", _now(), {"source": "ami"}))
+        except StoreError as exc:
+            log.warning("call_end_not_stored", uuid=uuid, source="ami", reason=str(exc))
+
     def announce(self, uuid: str, kind: str, payload: dict[str, Any], record: CallRecord | None) -> None:
         """Tell EVENTS_URL of something the proxy itself did to a call (a transfer, a hang-up)."""
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self._send(Event(uuid, kind, stamp, payload), record)
+        self._send(Event(uuid, kind, _now(), payload), record)
 
     def _send(self, event: Event, record: CallRecord | None) -> None:
         if self.client is not None:

@@ -84,6 +84,21 @@ def test_tracker_binds_callers_to_uuids() -> None:
     assert len(tracker) == 1  # Local/s@avr-00000000;2 hung up and was forgotten
 
 
+def test_tracker_names_the_call_whose_channel_hangs_up() -> None:
+    """The Hangup of the channel a call was captured on names that call (read before the tracker forgets
+    the channel); a tracker that never saw the capture names none."""
+    tracker = CallTracker()
+    ended = []
+    for message in messages(EVENTS):
+        call = tracker.ended_call(message)
+        if call is not None:
+            ended.append((call, message.value("channel")))
+        tracker.feed(message)
+    assert ended == [(DIAL_UUID, "Local/s@avr-00000000;2")]
+    hangups = [message for message in messages(EVENTS) if message.value("event") == "Hangup"]
+    assert hangups and all(CallTracker().ended_call(message) is None for message in hangups)
+
+
 def channel_event(event: str, channel: str, number: str, linkedid: str, **extra: str) -> bytes:
     fields = {"Event": event, "Privilege": "call,all", "Channel": channel, "CallerIDNum": number,
               "CallerIDName": "<unknown>", "ConnectedLineNum": "+593987654321", "ConnectedLineName": "Juan Perez",
@@ -485,6 +500,24 @@ async def test_pjsip_channel_assertion_is_read(tmp_path: Path, variables: dict[s
                                                                      and "PJSIP_HEADER(read,Identity)" in variables
                                                                      and variables["STIR_SHAKEN(count)"] == "1")
     assert "PJSIP_HEADER(read,From)" in manager.asked
+
+
+async def test_hangup_of_the_captured_channel_ends_the_call(tmp_path: Path) -> None:
+    """Replaying the real capture: the channel DIAL_UUID was captured on hangs up in it, so that call is
+    ended (no avr-core call_ended needed); APP_UUID's channel never hangs up there, so it stays live."""
+    async with fake_manager(FakeManager([EVENTS])) as manager:
+        settings = make_settings(tmp_path, ami_url=f"ami://avr:secret@127.0.0.1:{manager.port}")
+        async with running_proxy(settings) as proxy:
+
+            async def statuses() -> dict[str, str]:
+                reply = await http_request(f"{proxy.url}/debug", b"", method="GET")
+                return {call["uuid"]: call["status"] for call in orjson.loads(b"".join(reply.chunks))["calls"]}
+
+            for _ in range(300):
+                if (await statuses()).get(DIAL_UUID) == "ended":
+                    break
+                await asyncio.sleep(0.01)
+            assert await statuses() == {DIAL_UUID: "ended", APP_UUID: "live"}
 
 
 async def test_other_channels_are_not_asked_for_headers(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +88,15 @@ async def check(stack_: Stack, calls: list[Placed], uuids: dict[str, str], logs:
     log = stack_.pbx.asterisk.log()[-3000:].splitlines()
     assert not problems, "\n".join([*problems, "Asterisk's log ends:", *log])
     records = await stored_records(stack_)
+    if stack_.proxy.settings.ami_url:  # the channel's hangup, seen over AMI, ends each call in its record
+        placed = {uuids[call.exten] for call in calls if call.exten in uuids}
+        for _ in range(100):
+            ended = {orjson.loads(record)["uuid"] for record in records if orjson.loads(record).get("ended_at")}
+            if placed <= ended:
+                break
+            await asyncio.sleep(0.1)
+            records = await stored_records(stack_)
+        assert placed <= ended, f"not ended: {placed - ended}"
     shown = {call.expected.number for call in calls if call.expected.presentation == "allowed"}
     # The records as stored are readable here: an allowed caller's number is in them.
     assert all(any(number.encode() in record for record in records) for number in shown)

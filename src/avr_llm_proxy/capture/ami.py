@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import re
 from collections import OrderedDict
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -64,6 +67,7 @@ class _Channel:
     caller_name: str = ""
     presentation: str = ""
     exten: str = ""
+    call: str = ""  # the call UUID captured at this channel's AudioSocket step
 
 
 def _known(value: str) -> str:
@@ -96,6 +100,14 @@ class CallTracker:
     def __len__(self) -> int:
         return len(self._channels)
 
+    def ended_call(self, message: AmiMessage) -> str | None:
+        """The call captured on this channel when the event is its Hangup (read before `feed` forgets it):
+        the caller's side of the call is gone, whatever avr-core says or does not say."""
+        if message.value("event").lower() != "hangup":
+            return None
+        channel = self._channels.get(message.value("uniqueid") or message.value("channel"))
+        return channel.call if channel is not None and channel.call else None
+
     def feed(self, message: AmiMessage) -> list[AmiCapture]:
         event = message.value("event").lower()
         name = message.value("channel")
@@ -112,6 +124,7 @@ class CallTracker:
         uuid = _audiosocket_step(event, message)
         if uuid is None or uuid in self._captured:
             return []
+        channel.call = uuid
         self._captured[uuid] = None
         if len(self._captured) > self._max_channels:
             self._captured.popitem(last=False)
@@ -179,8 +192,10 @@ def record_from_capture(capture: AmiCapture, num_pres: str | None, region: str) 
 class AmiListener:
     """Logs in to the manager, reads events, records callers; reconnects with backoff, forever."""
 
-    def __init__(self, registry: CallRegistry, url: str, region: str, answer_wait: float = 1.0) -> None:
+    def __init__(self, registry: CallRegistry, url: str, region: str, answer_wait: float = 1.0,
+                 hung_up: Callable[[str], Coroutine[Any, Any, object]] | None = None) -> None:
         self.endpoint = parse_ami_url(url)
+        self.hung_up = hung_up  # told of each captured call whose channel hangs up (the call's end)
         self.registry = registry
         self.region = region
         self.answer_wait = answer_wait
@@ -189,7 +204,8 @@ class AmiListener:
         self._task: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
         self._pending: dict[str, asyncio.Future[str | None]] = {}
-        self._records: set[asyncio.Task[None]] = set()
+        self._records: set[asyncio.Task[object]] = set()
+        self._capturing: dict[str, asyncio.Task[object]] = {}  # captures still being stored, by call UUID
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ami-listener")
@@ -269,10 +285,30 @@ class AmiListener:
                 waiter.set_result(message.value("value") if ok else None)
             return
         AMI_EVENTS.inc()
+        ended = self.tracker.ended_call(message)
+        if ended is not None and self.hung_up is not None:
+            self._background(self._ended(ended, self._capturing.get(ended)))
         for capture in self.tracker.feed(message):
-            task = asyncio.create_task(self._record(capture, writer))
-            self._records.add(task)
-            task.add_done_callback(self._records.discard)
+            task = self._background(self._record(capture, writer))
+            self._capturing[capture.uuid] = task
+            task.add_done_callback(functools.partial(self._stored, capture.uuid))
+
+    def _background(self, work: Coroutine[Any, Any, object]) -> asyncio.Task[object]:
+        task = asyncio.create_task(work)
+        self._records.add(task)
+        task.add_done_callback(self._records.discard)
+        return task
+
+    def _stored(self, uuid: str, task: asyncio.Task[object]) -> None:
+        if self._capturing.get(uuid) is task:
+            del self._capturing[uuid]
+
+    async def _ended(self, uuid: str, capture: asyncio.Task[object] | None) -> None:
+        """After the call's capture is stored (a short call hangs up while it asks Getvar), its end."""
+        assert self.hung_up is not None
+        if capture is not None:
+            await asyncio.wait([capture])
+        await self.hung_up(uuid)
 
     async def _record(self, capture: AmiCapture, writer: asyncio.StreamWriter) -> None:
         """Record one capture; a presentation-only change has no event, so ask for num-pres first."""
