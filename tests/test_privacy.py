@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import structlog
+from typing import Any
 
-from avr_llm_proxy.observability import RedactNumbers
+import pytest
+import structlog
+from hypothesis import given
+from hypothesis import strategies as st
+
+from avr_llm_proxy.observability import Logfmt, RedactNumbers
 from avr_llm_proxy.privacy import hash_number, mask_number, number_redactor, scrub_text
 
 
@@ -61,3 +66,27 @@ def test_addresses_and_uniqueids_are_not_numbers() -> None:
     """IPv4 addresses and Asterisk uniqueids stay readable; the phone number next to them does not."""
     text = "client 10.20.30.40 uniqueid 1770758888.32 listen 127.0.0.1:4573 caller 0987654321"
     assert scrub_text(text, mask_number) == text.replace("0987654321", "******4321")
+
+
+KEYS = st.text(alphabet=st.sampled_from("abcz_09= \t\x00é"), min_size=1, max_size=8) | st.sampled_from(
+    Logfmt.LEADING_KEYS)
+VALUES = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30) | st.sampled_from(
+    ['a "b" c', "a\\b c", "x=y", "line\nbreak", "\\", ""])
+
+
+@given(st.dictionaries(KEYS, VALUES, max_size=12))
+def test_logfmt_renders_as_structlogs_renderer(event: dict[str, Any]) -> None:
+    """The line renderer is structlog's LogfmtRenderer, made faster: the same line for any event, the
+    same error for a key it cannot render."""
+    ours = Logfmt()
+    theirs = structlog.processors.LogfmtRenderer(key_order=list(Logfmt.LEADING_KEYS), drop_missing=True,
+                                                 bool_as_flag=False)  # as configured before
+    try:
+        expected = theirs(None, "info", dict(event))
+    except ValueError as exc:
+        with pytest.raises(ValueError, match="Invalid key") as raised:
+            ours(None, "info", dict(event))
+        assert str(raised.value) == str(exc)
+        return
+    assert ours(None, "info", dict(event)) == expected
+    assert ours(None, "info", dict(event)) == expected  # the key now known
