@@ -89,8 +89,9 @@ class Lifecycle:
         if self.client:
             await self.client.close()
 
-    async def apply(self, event: Event) -> CallRecord | None:
-        """Record what the event says about the call; returns the call's record after it."""
+    async def apply(self, event: Event, by: str = "avr-core") -> CallRecord | None:
+        """Record what the event says about the call (`by`: who said it, for the log line); returns the
+        call's record after it."""
         EVENTS.labels(type=event.type).inc()
         record = await self.registry.get(event.uuid)
         if event.type == "call_initiated" and event.payload:
@@ -105,7 +106,7 @@ class Lifecycle:
             record = record or await self.registry.add(captured) or await self.registry.get(event.uuid)
         elif record is not None and event.type in ("call_started", "call_ended"):
             record = await self._mark(event)
-        log.info("call_event", uuid=event.uuid, type=event.type, known=record is not None)
+        log.info("call_event", uuid=event.uuid, type=event.type, by=by, known=record is not None)
         self._send(event, record)
         return record
 
@@ -113,7 +114,7 @@ class Lifecycle:
         """The PBX hung up a captured call's channel (AMI): it ended, said or not by avr-core, whose own
         `call_ended` then changes nothing but the time (EVENTS_URL gets both, one Idempotency-Key)."""
         try:
-            await self.apply(Event(uuid, "call_ended", _now(), {"source": "ami"}))
+            await self.apply(Event(uuid, "call_ended", _now(), {"source": "ami"}), by="ami")
         except StoreError as exc:
             log.warning("call_end_not_stored", uuid=uuid, source="ami", reason=str(exc))
 

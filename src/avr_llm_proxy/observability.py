@@ -58,7 +58,8 @@ FIRST_SENTENCE = Histogram(
 )
 ACTIONS = Counter("avr_llm_proxy_actions", "Call actions asked for by answers, by type and outcome (sent, refused, "
                   "failed)", ["type", "outcome"])
-EVENTS = Counter("avr_llm_proxy_call_events", "avr-core webhook events received, by type", ["type"])
+EVENTS = Counter("avr_llm_proxy_call_events", "Call events applied (avr-core's webhook, AMI hang-ups), by type",
+                 ["type"])
 ACTIVE_TURNS = Gauge("avr_llm_proxy_active_turns", "Turns in progress", multiprocess_mode="livesum")
 
 

@@ -502,9 +502,10 @@ async def test_pjsip_channel_assertion_is_read(tmp_path: Path, variables: dict[s
     assert "PJSIP_HEADER(read,From)" in manager.asked
 
 
-async def test_hangup_of_the_captured_channel_ends_the_call(tmp_path: Path) -> None:
+async def test_hangup_of_the_captured_channel_ends_the_call(tmp_path: Path, logs) -> None:  # type: ignore[no-untyped-def]
     """Replaying the real capture: the channel DIAL_UUID was captured on hangs up in it, so that call is
-    ended (no avr-core call_ended needed); APP_UUID's channel never hangs up there, so it stays live."""
+    ended (no avr-core call_ended needed) and the log says by whom; APP_UUID's channel never hangs up
+    there, so it stays live."""
     async with fake_manager(FakeManager([EVENTS])) as manager:
         settings = make_settings(tmp_path, ami_url=f"ami://avr:secret@127.0.0.1:{manager.port}")
         async with running_proxy(settings) as proxy:
@@ -518,6 +519,8 @@ async def test_hangup_of_the_captured_channel_ends_the_call(tmp_path: Path) -> N
                     break
                 await asyncio.sleep(0.01)
             assert await statuses() == {DIAL_UUID: "ended", APP_UUID: "live"}
+    ended = [line for line in map(orjson.loads, logs()) if line["event"] == "call_event"]
+    assert [(line["uuid"], line["type"], line["by"]) for line in ended] == [(DIAL_UUID, "call_ended", "ami")]
 
 
 async def test_other_channels_are_not_asked_for_headers(tmp_path: Path) -> None:
