@@ -72,10 +72,11 @@ class MemoryStore:
 
     async def append(self, lists: Mapping[str, Sequence[bytes]], counts: Mapping[str, int] | None = None) -> set[str]:
         appended = set()
-        for key in set(lists).union(counts or ()):
+        by = counts or {}
+        for key in set(lists).union(by):
             if await self.get(key) is None:
                 continue
-            self._counts[key] = self._counts.get(key, 0) + (counts or {}).get(key, 0)
+            self._counts[key] = self._counts.get(key, 0) + by.get(key, 0)
             kept = self._lists.setdefault(key, [])
             kept.extend(lists.get(key, ()))
             del kept[:-MAX_ENTRIES]

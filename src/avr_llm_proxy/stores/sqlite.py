@@ -119,7 +119,7 @@ def _settle(outcomes: Sequence[_Outcome]) -> None:
 
 
 def _connect(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, timeout=BUSY_WAIT_MS / 1000, isolation_level=None, check_same_thread=False)
     # Workers opening a file not yet in WAL mode at once: the switch answers "locked" at once to all
     # but one, whatever the busy timeout, and is tried again (once switched, the file stays WAL).
     waited_until = time.monotonic() + PREPARE_WAIT_MS / 1000
@@ -133,7 +133,6 @@ def _connect(path: str) -> sqlite3.Connection:
                 raise
             time.sleep(0.02)
     conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute(f"PRAGMA busy_timeout={BUSY_WAIT_MS}")
     return conn
 
 
@@ -380,22 +379,20 @@ class SqliteStore:
         await self._write("DELETE FROM history_seen WHERE tag = ?", (tag,), None, notify=False)
         return await self._write("DELETE FROM calls WHERE tag = ?", (tag,), None)
 
-    async def get(self, key: str) -> bytes | None:
+    def _read(self, sql: str, params: tuple[object, ...], via: sqlite3.Cursor | None = None) -> list[Any]:
+        """The rows of one read on the event loop (`via`: a cursor of the reader kept for the turn path)."""
         try:
-            row = self._get.execute(
-                "SELECT value FROM calls WHERE key = ? AND expires_at > ?", (key, time.time())
-            ).fetchone()
+            return (via or self._reader).execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite read failed: {exc}") from exc
-        return None if row is None else bytes(row[0])
+
+    async def get(self, key: str) -> bytes | None:
+        rows = self._read("SELECT value FROM calls WHERE key = ? AND expires_at > ?", (key, time.time()), self._get)
+        return bytes(rows[0][0]) if rows else None
 
     async def counter(self, key: str) -> int | None:
-        try:
-            row = self._reader.execute(
-                "SELECT counter FROM calls WHERE key = ? AND expires_at > ?", (key, time.time())).fetchone()
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite read failed: {exc}") from exc
-        return None if row is None else int(row[0])
+        rows = self._read("SELECT counter FROM calls WHERE key = ? AND expires_at > ?", (key, time.time()))
+        return int(rows[0][0]) if rows else None
 
     async def append(self, lists: Mapping[str, Sequence[bytes]], counts: Mapping[str, int] | None = None) -> set[str]:
         keys = set(lists).union(counts or ())
@@ -437,25 +434,16 @@ class SqliteStore:
     async def entries(self, key: str, newest: int | None = None) -> list[bytes]:
         # Past MAX_ENTRIES until the next trim: the newest MAX_ENTRIES are what the list holds.
         limit = min(MAX_ENTRIES, newest) if newest is not None else MAX_ENTRIES
-        try:
-            rows = self._reader.execute(
-                "SELECT t.value FROM timeline t JOIN calls c ON c.key = t.key WHERE t.key = ? AND c.expires_at > ? "
-                "ORDER BY t.seq DESC LIMIT ?", (key, time.time(), limit)).fetchall()
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite read failed: {exc}") from exc
+        rows = self._read("SELECT t.value FROM timeline t JOIN calls c ON c.key = t.key WHERE t.key = ? "
+                          "AND c.expires_at > ? ORDER BY t.seq DESC LIMIT ?", (key, time.time(), limit))
         return [bytes(row[0]) for row in reversed(rows)]
 
     async def delete(self, key: str) -> bool:
         return await self._write("DELETE FROM calls WHERE key = ?", (key,), key) > 0
 
     async def recent(self, limit: int) -> list[tuple[bytes, int]]:
-        try:
-            rows = self._reader.execute(
-                "SELECT value, counter FROM calls WHERE expires_at > ? ORDER BY expires_at DESC LIMIT ?",
-                (time.time(), limit),
-            ).fetchall()
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite read failed: {exc}") from exc
+        rows = self._read("SELECT value, counter FROM calls WHERE expires_at > ? ORDER BY expires_at DESC LIMIT ?",
+                          (time.time(), limit))
         return [(bytes(row[0]), int(row[1])) for row in rows]
 
     def listen(self, on_key: Callable[[str], None]) -> None:
