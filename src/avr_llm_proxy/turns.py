@@ -170,12 +170,13 @@ class Turns:
         finally:
             ACTIVE_TURNS.dec()
         caller = record.caller if record else UNKNOWN_CALLER
+        elapsed_ms = round((time.perf_counter() - outcome.started) * 1000, 1)
         if record is not None:
-            self._note(turn, outcome)
+            self._note(turn, outcome, elapsed_ms)
         log.info(
             "turn", uuid=turn.uuid, turn=turn.turn, caller_number=caller.log_number, source=caller.source,
             status=outcome.status, sentences=outcome.sentences, latency_ms=round(outcome.upstream_ms, 1),
-            first_ms=outcome.first_ms, elapsed_ms=round((time.perf_counter() - outcome.started) * 1000, 1),
+            first_ms=outcome.first_ms, elapsed_ms=elapsed_ms,
         )
 
     async def _record(self, turn: AvrTurn) -> CallRecord | None:
@@ -335,7 +336,7 @@ class Turns:
         TURNS.labels(outcome="superseded").inc()
         log.info("turn_superseded", uuid=request.uuid, turn=request.turn)
 
-    def _note(self, turn: AvrTurn, outcome: _Outcome) -> None:
+    def _note(self, turn: AvrTurn, outcome: _Outcome, elapsed_ms: float) -> None:
         """Count the turn and add it to the call's timeline in the store, in the background, off the turn's
         path (for `calls`, EVENTS_URL and the console). A stale turn is in the timeline, not the count.
 
@@ -351,10 +352,10 @@ class Turns:
             # Encoded now: bytes kept until the batch is written are nothing for the garbage collector to
             # scan (kept as dicts, they cost a tenth of a process's turns at saturation).
             self._unnoted.setdefault(turn.uuid, []).append(orjson.dumps({
-                "at": round(time.time() - (time.perf_counter() - outcome.started), 3), "kind": "turn",
+                "at": round(time.time() - elapsed_ms / 1000, 3), "kind": "turn",
                 "turn": turn.turn, "said": turn.message, "spoken": spoken, "status": status, "filler": outcome.filler,
                 "latency_ms": round(outcome.upstream_ms, 1), "first_ms": outcome.first_ms, "worker": self._worker,
-                "elapsed_ms": round((time.perf_counter() - outcome.started) * 1000, 1),
+                "elapsed_ms": elapsed_ms,
             }))
         if self._counting is None or self._counting.done():
             self._counting = asyncio.create_task(self._store_counts())
